@@ -1,0 +1,50 @@
+# Every target creates .venv itself and installs with the constraints file, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+OUT ?= runs/quickstart
+JOBS ?= 2
+
+.PHONY: setup data quickstart test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/dev.txt requirements/nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements/dev.txt
+	$(PIP) --no-deps -r requirements/nodeps.txt
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it when missing and we are root.
+data:
+	@if [ -f "$(FMNIST)" ] || [ -n "$$ROBUSTKD_DATA" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
+		     "or set ROBUSTKD_DATA to a folder holding the four *-ubyte.gz files." >&2; exit 1; \
+	fi
+
+quickstart: setup data
+	$(VENV)/bin/robustkd quickstart --out $(OUT)
+
+lint: setup
+	$(VENV)/bin/ruff check robustkd tests benchmarks
+	$(VENV)/bin/ruff format --check robustkd tests benchmarks
+
+test: setup data lint
+	$(PY) -m pytest -q -n $(JOBS) --durations=15
+
+test-fast: setup data
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+
+bench: setup data
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""The method interface: a small object that turns (student, teacher, batch) into a loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robustkd.errors import ConfigError
+from robustkd.registry import Registry
+
+
+@dataclass
+class Batch:
+    """One training batch after augmentation: images in [0, 1] on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor | None = None  # dataset indices, for per-example caches
+
+
+@dataclass
+class StepInfo:
+    """Where training stands, for methods with schedules (eps ramps, warm-ups, late-starting weights)."""
+
+    epoch: int  # 0-based
+    step: int  # global optimisation step, 0-based
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.epochs * self.steps_per_epoch))
+
+
+@dataclass
+class Output:
+    """A method's result: the loss to minimise, scalars to log and, optionally, logits for accuracy."""
+
+    loss: torch.Tensor
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # student logits on the batch's clean x, when computed anyway
+
+
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are the method's options.
+
+    A method never moves tensors between devices, wraps models or logs by itself; it may call
+    ``robustkd.attacks`` for an inner maximisation and must state the model mode it uses there.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+
+    def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
+        raise NotImplementedError
+
+    def passes(self) -> dict[str, int]:
+        """Forward/backward passes one step costs, for benchmarks (keys: student_fwd, student_bwd, ...)."""
+        return {}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):  # noqa: ANN201 - decorator
+    def decorator(cls: type[Method]) -> type[Method]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"method {name!r} must be a dataclass")
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return decorator
+
+
+def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
+    """Instantiate a registered method; unknown option names are refused with close matches."""
+    import difflib
+
+    cls = METHODS.get(name)
+    args = dict(args or {})
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"method.args.{key}: method {name!r} has no option {key!r}{hint} "
+                f"(options: {', '.join(sorted(fields)) or 'none'})"
+            )
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method.args: {err}") from err
