@@ -67,7 +67,7 @@ class Method:
 METHODS: Registry[type[Method]] = Registry("method")
 
 
-def register_method(name: str):  # noqa: ANN201 - decorator
+def register_method(name: str):
     def decorator(cls: type[Method]) -> type[Method]:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"method {name!r} must be a dataclass")

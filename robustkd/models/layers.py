@@ -37,3 +37,27 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + self.shortcut(x)
+
+
+# The module types the CNNs and ResNets are built from, and so the ones a bound propagator must handle.
+# Containers are listed because they are walked, not bounded themselves.
+BOUNDABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Sequential,
+    Normalize,
+    Residual,
+    nn.Conv2d,
+    nn.Linear,
+    nn.ReLU,
+    nn.Flatten,
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.MaxPool2d,
+    nn.Identity,
+)
+
+
+def is_boundable(model: nn.Module) -> bool:
+    """True when every submodule is exactly one of ``BOUNDABLE_TYPES`` (subclasses may change forward)."""
+    return all(type(m) in BOUNDABLE_TYPES for m in model.modules())

@@ -1,0 +1,246 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar from which the model is rebuilt.
+
+A checkpoint ``runs/x/best`` is the pair ``best.safetensors`` / ``best.json``. The metadata is also
+embedded in the safetensors header, so the weights file alone is enough and a kill between the two
+renames never pairs new weights with an old description (the sidecar names the weights' SHA-256).
+Nothing here unpickles: foreign ``.pt`` files load with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from robustkd.errors import CheckpointError
+from robustkd.io import atomic_write_bytes, atomic_write_json
+
+FORMAT = "robustkd-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "robustkd"
+REQUIRED = ("arch", "num_classes", "input_shape", "mean", "std")
+
+
+def _version() -> str:
+    from robustkd import __version__
+
+    return __version__
+
+
+def resolve(path: str | Path) -> Path:
+    """Map ``runs/x`` (-> best), ``runs/x/best`` or ``runs/x/best.safetensors`` to the weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best"
+    if path.suffix in (".json", ".safetensors"):
+        path = path.with_suffix("")
+    weights = path.with_name(path.name + ".safetensors")
+    if not weights.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: {weights} does not exist")
+    return weights
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``path.safetensors`` and ``path.json`` atomically; returns the weights path.
+
+    ``meta`` must describe how to rebuild the model (arch, arch_args, num_classes, input_shape, mean,
+    std) and may carry anything JSON-able besides (dataset, method, config, metrics).
+    """
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors"):
+        path = path.with_suffix("")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for key, value in (extra or {}).items():
+        tensors[f"__extra__.{key}"] = value.detach().cpu().contiguous()
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "robustkd_version": _version(), **meta}
+    full.setdefault("torch_version", torch.__version__)
+    blob = st_save(tensors, metadata={META_KEY: json.dumps(full, sort_keys=True, default=str)})
+    sidecar = {**full, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    weights = path.with_name(path.name + ".safetensors")
+    atomic_write_bytes(weights, blob)
+    atomic_write_json(path.with_name(path.name + ".json"), sidecar)
+    return weights
+
+
+def read_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (state_dict, metadata, extra tensors) of a robustkd checkpoint."""
+    weights = resolve(path)
+    blob = weights.read_bytes()
+    try:
+        tensors = st_load(blob)
+        with safe_open(str(weights), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from err
+    meta = _read_meta(weights, blob, header)
+    state = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
+    extra = {k[len("__extra__.") :]: v for k, v in tensors.items() if k.startswith("__extra__.")}
+    return state, meta, extra
+
+
+def _read_meta(weights: Path, blob: bytes, header: Mapping[str, str]) -> dict[str, Any]:
+    sidecar = weights.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{sidecar} is not valid JSON ({err})") from err
+        if meta.get("weights_sha256") == hashlib.sha256(blob).hexdigest():
+            return meta
+        warnings.warn(
+            f"{sidecar} describes other weights than {weights.name}; using the metadata inside the weights file",
+            stacklevel=3,
+        )
+    if META_KEY not in header:
+        raise CheckpointError(
+            f"{weights} has no robustkd metadata and no matching sidecar {sidecar.name}; "
+            "load foreign weights with load_model(path, arch=...)"
+        )
+    try:
+        return json.loads(header[META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{weights}: corrupt metadata in the safetensors header ({err})") from err
+
+
+def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the (untrained) model a checkpoint describes."""
+    from robustkd.models import create_model
+
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
+    shape = meta["input_shape"]
+    return create_model(
+        meta["arch"],
+        num_classes=int(meta["num_classes"]),
+        in_channels=int(shape[0]),
+        input_size=int(shape[-1]),
+        mean=meta["mean"],
+        std=meta["std"],
+        **dict(meta.get("arch_args") or {}),
+    )
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that explains a mismatch in terms of keys, shapes and dtypes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    dtypes = [
+        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state
+        and state[k].dtype != own[k].dtype
+        and not (state[k].is_floating_point() and own[k].is_floating_point())
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes {_few(shapes)}")
+    if dtypes:
+        problems.append(f"wrong dtypes {_few(dtypes)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the architecture: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    device: str | torch.device | None = None,
+    **arch_kwargs: Any,
+) -> nn.Module:
+    """Load a model in eval mode.
+
+    A robustkd checkpoint is rebuilt from its metadata alone. A foreign ``.pt``/``.pth`` state dict
+    needs ``arch`` plus ``num_classes``/``in_channels``/``input_size``/``mean``/``std`` as needed; it is
+    read with ``weights_only=True`` and refused when it holds anything but tensors.
+    """
+    path = Path(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        model = _load_foreign(path, arch, arch_kwargs)
+    else:
+        state, meta, _ = read_checkpoint(path)
+        model = build_from_meta(meta)
+        load_state_strict(model, state, str(resolve(path)))
+        model.robustkd_meta = dict(meta)  # type: ignore[assignment]
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Metadata of a robustkd checkpoint without building the model."""
+    return read_checkpoint(path)[1]
+
+
+def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    from robustkd.models import create_model
+
+    if arch is None:
+        raise CheckpointError(f"{path} is a bare state dict: name its architecture (arch=..., --teacher-arch)")
+    if not path.is_file():
+        raise CheckpointError(f"no file at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+        raise CheckpointError(
+            f"{path} holds more than tensors (it would need full unpickling, which can run code): refused. "
+            f"Re-save it as a plain state dict of tensors, or convert it to safetensors. ({err})"
+        ) from err
+    state = _find_state_dict(obj, path)
+    model = create_model(arch, **kwargs)
+    if not any(k.startswith(("net.", "normalize.")) for k in state):
+        # Weights of the bare network: our models carry Normalize in front of it.
+        state = {f"net.{k}": v for k, v in state.items()}
+        for key, value in model.state_dict().items():
+            if key.startswith("normalize."):
+                state[key] = value
+    load_state_strict(model, state, str(path))
+    meta = {"arch": arch, "arch_args": {}, "source": str(path)}
+    model.robustkd_meta = meta  # type: ignore[assignment]
+    return model
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    # Weights saved from nn.DataParallel / DDP carry a 'module.' prefix.
+    return {k.removeprefix("module."): v for k, v in obj.items()}

@@ -1,0 +1,184 @@
+"""The ``robustkd`` command: thin over the Python API."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from robustkd.errors import RobustKDError
+
+TRAIN_EXAMPLES = """examples:
+  robustkd train --config configs/fmnist/standard.yaml
+  robustkd train --config configs/fmnist/standard.yaml --optim.lr 0.05 --epochs 3 --name quick
+  robustkd train --config configs/fmnist/standard.yaml --resume true      # continue a killed run
+  robustkd train --config configs/fmnist/standard.yaml --print_config     # show the resolved config
+"""
+
+DISTILL_EXAMPLES = """examples:
+  robustkd distill --config configs/fmnist/kd.yaml --teacher runs/teacher/best
+  robustkd distill --config configs/fmnist/kd.yaml --teacher teacher.pt --teacher_arch dm_large
+"""
+
+
+def _train_parser(prog: str, description: str, epilog: str) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from robustkd.config import TrainConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=_formatter(), exit_on_error=False
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(TrainConfig, nested_key=None, fail_untyped=False)
+    return parser
+
+
+def _formatter() -> Any:
+    from jsonargparse import DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep example lines as written
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return Formatter
+
+
+def _run_train(args: Any, require_teacher: bool) -> int:
+    from robustkd.config import from_dict
+    from robustkd.engine import train
+
+    raw = args.as_dict() if hasattr(args, "as_dict") else dict(args)
+    raw.pop("config", None)
+    raw.pop("__path__", None)
+    cfg = from_dict(raw)
+    if require_teacher and cfg.teacher is None:
+        raise RobustKDError("distill needs --teacher PATH (a robustkd checkpoint, or a .pt with --teacher_arch)")
+    result = train(cfg)
+    print(f"run: {result.run_dir}")
+    print(f"best checkpoint: {result.best}")
+    subset = f" (subset of {result.test['n']} points)" if result.test.get("subset") else ""
+    print(f"test accuracy of the best checkpoint: {result.test['acc']:.4f}{subset}")
+    if cfg.tensorboard:
+        print(f"logs: tensorboard --logdir {result.run_dir / 'tb'}")
+    return 0
+
+
+def _list(what: str, pattern: str) -> int:
+    registries = _registries()
+    if what not in registries:
+        raise RobustKDError(f"robustkd list: unknown kind {what!r}; choose from {', '.join(registries)}")
+    for name in registries[what]().names(pattern):
+        print(name)
+    return 0
+
+
+def _registries() -> dict[str, Callable[[], Any]]:
+    def models() -> Any:
+        from robustkd.models import MODELS
+
+        return MODELS
+
+    def datasets() -> Any:
+        from robustkd.data import DATASETS
+
+        return DATASETS
+
+    def methods() -> Any:
+        from robustkd.methods import METHODS
+
+        return METHODS
+
+    def augments() -> Any:
+        from robustkd.data import AUGMENTS
+
+        return AUGMENTS
+
+    return {"models": models, "datasets": datasets, "methods": methods, "augments": augments}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; expected failures print one line and exit 2, never a traceback."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="robustkd",
+        description="Knowledge distillation that keeps adversarial robustness and stays faithful to the teacher.",
+        epilog="Run 'robustkd COMMAND --help' for a command's options and examples.",
+    )
+    top.add_argument("command", choices=["quickstart", "train", "distill", "list"], help="what to do")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            parser = _train_parser(
+                "robustkd train",
+                "Train a model (e.g. a robust teacher) with one of the methods.",
+                TRAIN_EXAMPLES,
+            )
+            return _run_train(_parse(parser, rest), require_teacher=False)
+        if command == "distill":
+            parser = _train_parser(
+                "robustkd distill",
+                "Distil a teacher into a student with one of the methods.",
+                DISTILL_EXAMPLES,
+            )
+            parser.set_defaults({"method.name": "kd"})
+            return _run_train(_parse(parser, rest), require_teacher=True)
+        if command == "quickstart":
+            qs = argparse.ArgumentParser(
+                prog="robustkd quickstart",
+                description="Train the small CNN on Fashion-MNIST offline and print its test accuracy.",
+            )
+            qs.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+            qs.add_argument("--no-progress", action="store_true", help="no progress bars")
+            ns = qs.parse_args(rest)
+            from robustkd.quickstart import run
+
+            summary = run(ns.out, progress=not ns.no_progress)
+            acc, secs = summary["test_acc"], summary["seconds"]
+            print(f"quickstart: test accuracy {acc:.4f} in {secs:.0f} s ({summary['run_dir']})")
+            return 0
+        if command == "list":
+            lister = argparse.ArgumentParser(prog="robustkd list", description="List registered names.")
+            lister.add_argument("what", choices=sorted(_registries()))
+            lister.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'resnet*'")
+            ns = lister.parse_args(rest)
+            return _list(ns.what, ns.pattern)
+        top.print_usage(sys.stderr)
+        print(f"robustkd: unknown command {command!r}", file=sys.stderr)
+        return 2
+    except RobustKDError as err:
+        print(f"robustkd {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustkd {command}: interrupted; continue with --resume true", file=sys.stderr)
+        return 130
+
+
+def _parse(parser: Any, argv: list[str]) -> Any:
+    from jsonargparse import ArgumentError
+
+    from robustkd.errors import ConfigError
+
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        message = str(err)
+        unknown = re.findall(r"--([\w.]+)", message) if "unrecognized arguments" in message else []
+        known = [o.lstrip("-") for a in parser._actions for o in a.option_strings]
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            if close:
+                message += f"; did you mean {', '.join('--' + c for c in close)}?"
+        raise ConfigError(message) from err
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

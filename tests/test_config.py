@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from robustkd.config import TrainConfig, from_dict, to_dict, validate
+from robustkd.engine.optim import learning_rate
+from robustkd.errors import ConfigError
+
+
+def test_round_trip_through_dict():
+    cfg = from_dict({"name": "x", "optim": {"lr": 0.2}, "data": {"batch_size": 7}})
+    assert cfg.optim.lr == 0.2 and cfg.data.batch_size == 7 and cfg.optim.momentum == 0.9
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_unknown_key_names_field_and_suggests():
+    with pytest.raises(ConfigError, match=r"optim.lrr: unknown option; did you mean 'lr'"):
+        from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"^epoch: unknown option; did you mean 'epochs'"):
+        from_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": -3}, "epochs"),
+        ({"name": "../escape"}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
+        ({"data": {"batch_size": 0}}, "data.batch_size"),
+        ({"optim": {"lr": -1.0}}, "optim.lr"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr"),
+        ({"optim": {"name": "lion"}}, "optim.name"),
+        ({"optim": {"schedule": "step"}}, "optim.schedule"),
+        ({"validate": {"select": "robust"}}, "validate.select"),
+        ({"validate": {"attack": "pgd10"}}, "validate.protocol"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+    ],
+)
+def test_validate_names_the_bad_field(change, field):
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        validate(from_dict(change))
+
+
+def test_yaml_tags_never_construct_objects(tmp_path):
+    from robustkd.cli import _parse, _train_parser
+
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError):
+        _parse(_train_parser("robustkd train", "", ""), ["--config", str(cfg)])
+    assert not marker.exists()
+    with pytest.raises(yaml.YAMLError):
+        yaml.safe_load(cfg.read_text())
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig().optim
+    cfg.lr = 0.1
+    cfg.schedule = "multistep"
+    cfg.milestones = [2, 3]
+    # 10 steps per epoch: epoch 0-1 -> 0.1, epoch 2 -> 0.01, epoch 3+ -> 0.001
+    assert learning_rate(cfg, 19, 10, 5) == pytest.approx(0.1)
+    assert learning_rate(cfg, 20, 10, 5) == pytest.approx(0.01)
+    assert learning_rate(cfg, 35, 10, 5) == pytest.approx(0.001)
+    cfg.schedule = "cosine"
+    assert learning_rate(cfg, 0, 10, 5) == pytest.approx(0.1)
+    assert learning_rate(cfg, 25, 10, 5) == pytest.approx(0.05)
+    cfg.warmup_epochs = 1
+    assert learning_rate(cfg, 4, 10, 5) == pytest.approx(0.05)
+    assert learning_rate(cfg, 10, 10, 5) == pytest.approx(0.1)

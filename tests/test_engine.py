@@ -1,0 +1,149 @@
+"""The training loop: checkpoints, resume bit for bit, validation split, errors, and a real run."""
+
+import json
+
+import pytest
+import torch
+
+import robustkd
+from robustkd.checkpoint import load_model, read_meta
+from robustkd.config import from_dict
+from robustkd.data.base import Dataset, DatasetInfo, Split
+from robustkd.errors import ConfigError, RobustKDError
+
+
+def _toy_dataset(n_train=240, n_test=60, seed=0) -> Dataset:
+    """Learnable 1x8x8 images: each class lights up its own pixel block."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        y = torch.arange(n) % 4
+        x = torch.rand(n, 1, 8, 8, generator=g) * 80
+        for c in range(4):
+            x[y == c, :, 2 * c : 2 * c + 2, :] += 150
+        return Split(x.clamp(0, 255).to(torch.uint8), y.long())
+
+    info = DatasetInfo("toy", 4, (1, 8, 8), (0.3,), (0.3,), ("a", "b", "c", "d"), "none")
+    return Dataset(info, split(n_train), split(n_test), "synthetic")
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    import robustkd.data
+
+    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
+
+
+def _cfg(tmp_path, **over):
+    base = {
+        "name": "toy",
+        "out_dir": str(tmp_path),
+        "epochs": 2,
+        "progress": False,
+        "tensorboard": False,
+        "data": {"dataset": "toy", "batch_size": 32, "val_fraction": 0.25},
+        "model": {"arch": "dm_small"},
+        "optim": {"lr": 0.05},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return from_dict(base)
+
+
+def test_run_writes_checkpoints_config_and_metrics(tmp_path, toy):
+    result = robustkd.train(_cfg(tmp_path))
+    run = tmp_path / "toy"
+    for name in (
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "resume.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+    ):
+        assert (run / name).is_file(), name
+    assert not (run / ".lock").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val/acc" in r for r in rows)
+    meta = read_meta(run / "best")
+    assert meta["dataset"] == "toy" and meta["method"] == "standard" and meta["config"]["epochs"] == 2
+    assert result.test["n"] == 60 and 0.0 <= result.test["acc"] <= 1.0
+    best_epoch = max(rows, key=lambda r: r["val/acc"])["epoch"]
+    assert meta["epoch"] == best_epoch  # chosen on validation accuracy
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path, toy):
+    full = robustkd.train(_cfg(tmp_path / "a", epochs=3, data={"augment": "crop"}))
+    # An interrupted run: stop after epoch 1 of 3, then resume.
+    robustkd.train(_cfg(tmp_path / "b", epochs=1, data={"augment": "crop"}))
+    cfg = _cfg(tmp_path / "b", epochs=3, data={"augment": "crop"}, resume=True)
+    resumed = robustkd.train(cfg)
+    a = load_model(full.run_dir / "last").state_dict()
+    b = load_model(resumed.run_dir / "last").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["val/acc"] for r in full.history] == [r["val/acc"] for r in resumed.history]
+
+
+def test_existing_run_needs_resume_flag(tmp_path, toy):
+    robustkd.train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="--resume true"):
+        robustkd.train(_cfg(tmp_path, epochs=1))
+
+
+def test_second_process_on_same_run_is_refused(tmp_path, toy):
+    run = tmp_path / "toy"
+    run.mkdir(parents=True)
+    (run / ".lock").write_text("1")  # pid 1 is always alive
+    with pytest.raises(RobustKDError, match="in use by process 1"):
+        robustkd.train(_cfg(tmp_path, epochs=1))
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, toy):
+    with pytest.raises(RobustKDError, match=r"non-finite loss .* method 'standard'.*--resume"):
+        robustkd.train(_cfg(tmp_path, epochs=1, optim={"lr": 1e30}))
+
+
+def test_teacher_method_needs_teacher(tmp_path, toy, monkeypatch):
+    from dataclasses import dataclass
+
+    from robustkd.methods import METHODS, Method
+
+    @dataclass
+    class NeedsTeacher(Method):
+        needs_teacher = True
+
+    monkeypatch.setitem(METHODS._entries, "needs_teacher_test", NeedsTeacher)
+    with pytest.raises(ConfigError, match="^teacher:"):
+        robustkd.train(_cfg(tmp_path, method={"name": "needs_teacher_test"}))
+
+
+def test_unknown_method_option_is_refused(tmp_path, toy):
+    with pytest.raises(ConfigError, match="method.args.label_smoothng.*did you mean 'label_smoothing'"):
+        robustkd.train(_cfg(tmp_path, method={"name": "standard", "args": {"label_smoothng": 0.1}}))
+
+
+@pytest.mark.slow
+def test_standard_small_cnn_fashion_mnist_reaches_85_percent(tmp_path):
+    # 2 epochs on a 20 000-image stratified subset of the training split, full 10 000-image test set.
+    cfg = from_dict(
+        {
+            "name": "fmnist",
+            "out_dir": str(tmp_path),
+            "epochs": 2,
+            "progress": False,
+            "tensorboard": False,
+            "data": {"dataset": "fashion-mnist", "train_subset": 20000, "batch_size": 128},
+            "model": {"arch": "small_cnn"},
+            "optim": {"lr": 0.05},
+        }
+    )
+    result = robustkd.train(cfg)
+    assert result.test["n"] == 10000
+    assert result.test["acc"] >= 0.85, result.test
