@@ -13,17 +13,17 @@ from robustkd.errors import ConfigError, RobustKDError
 
 
 def _toy_dataset(n_train=240, n_test=60, seed=0) -> Dataset:
-    """Learnable 1x8x8 images: each class lights up its own pixel block."""
+    """Learnable 1x16x16 images: each class lights up its own pixel block."""
     g = torch.Generator().manual_seed(seed)
 
     def split(n):
         y = torch.arange(n) % 4
-        x = torch.rand(n, 1, 8, 8, generator=g) * 80
+        x = torch.rand(n, 1, 16, 16, generator=g) * 80
         for c in range(4):
-            x[y == c, :, 2 * c : 2 * c + 2, :] += 150
+            x[y == c, :, 4 * c : 4 * c + 4, :] += 150
         return Split(x.clamp(0, 255).to(torch.uint8), y.long())
 
-    info = DatasetInfo("toy", 4, (1, 8, 8), (0.3,), (0.3,), ("a", "b", "c", "d"), "none")
+    info = DatasetInfo("toy", 4, (1, 16, 16), (0.3,), (0.3,), ("a", "b", "c", "d"), "none")
     return Dataset(info, split(n_train), split(n_test), "synthetic")
 
 
@@ -77,18 +77,33 @@ def test_run_writes_checkpoints_config_and_metrics(tmp_path, toy):
     assert meta["epoch"] == best_epoch  # chosen on validation accuracy
 
 
-def test_resume_after_kill_is_bit_exact(tmp_path, toy):
-    full = robustkd.train(_cfg(tmp_path / "a", epochs=3, data={"augment": "crop"}))
-    # An interrupted run: stop after epoch 1 of 3, then resume.
-    robustkd.train(_cfg(tmp_path / "b", epochs=1, data={"augment": "crop"}))
-    cfg = _cfg(tmp_path / "b", epochs=3, data={"augment": "crop"}, resume=True)
-    resumed = robustkd.train(cfg)
+@pytest.mark.parametrize("kill_at_step", [6, 8])  # 6 steps an epoch: just after epoch 1; inside epoch 2
+def test_resume_after_kill_is_bit_exact(tmp_path, toy, monkeypatch, kill_at_step):
+    import robustkd.engine.loop as loop
+
+    cfg = {"epochs": 3, "data": {"augment": "crop"}}
+    full = robustkd.train(_cfg(tmp_path / "a", **cfg))
+
+    real_lr = loop.learning_rate
+
+    def dying_lr(optim, step, *args):
+        if step == kill_at_step:
+            raise KeyboardInterrupt  # stands in for a kill: nothing after this point runs
+        return real_lr(optim, step, *args)
+
+    monkeypatch.setattr(loop, "learning_rate", dying_lr)
+    with pytest.raises(KeyboardInterrupt):
+        robustkd.train(_cfg(tmp_path / "b", **cfg))
+    monkeypatch.setattr(loop, "learning_rate", real_lr)
+    assert read_meta(tmp_path / "b" / "toy" / "last")["epoch"] == 1
+    resumed = robustkd.train(_cfg(tmp_path / "b", resume=True, **cfg))
     a = load_model(full.run_dir / "last").state_dict()
     b = load_model(resumed.run_dir / "last").state_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["val/acc"] for r in full.history] == [r["val/acc"] for r in resumed.history]
+    assert load_model(full.run_dir / "best").state_dict().keys() == b.keys()
 
 
 def test_existing_run_needs_resume_flag(tmp_path, toy):
