@@ -67,6 +67,68 @@ def _run_train(args: Any, require_teacher: bool) -> int:
     return 0
 
 
+EVALUATE_EXAMPLES = """examples:
+  robustkd evaluate --model runs/teacher/best --protocol linf-0.1
+  robustkd evaluate --model runs/teacher/best --protocol linf-0.1 --attacks clean,pgd100,cw100,autoattack
+  robustkd evaluate --model runs/teacher/best --protocol linf-8/255 --n-examples 1000   # a subset, said so
+  robustkd list protocols; robustkd list attacks
+"""
+
+
+def _evaluate(argv: list[str]) -> int:
+    import argparse
+
+    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="robustkd evaluate",
+        description="Robust accuracy of a saved model on its dataset's test split (full test set by default).",
+        epilog=EVALUATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint: runs/<name>/best, a .safetensors file or a run dir")
+    parser.add_argument("--protocol", default="linf-0.1", help="threat-model preset (robustkd list protocols)")
+    parser.add_argument("--attacks", default="clean,pgd20,cw20", help="comma-separated recipes (robustkd list attacks)")
+    parser.add_argument("--n-examples", type=int, default=None, help="evaluate the first N test points only")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=None, help="where the dataset lives (default search paths otherwise)")
+    parser.add_argument("--out", default=None, help="JSON output (default: eval_<ckpt>_<protocol>.json beside it)")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    result = evaluate_checkpoint(
+        ns.model,
+        protocol=ns.protocol,
+        attacks=[a.strip() for a in ns.attacks.split(",") if a.strip()],
+        n_examples=ns.n_examples,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        device=ns.device,
+        data_root=ns.data_root,
+        out=ns.out,
+        progress=not ns.no_progress,
+    )
+    _print_robustness(result)
+    return 0
+
+
+def _print_robustness(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = result["settings"]
+    subset = " (a subset of the test set)" if settings.get("subset") else ""
+    table = Table(title=f"{result['model']['path']}: {settings.get('n')} test points{subset}, {settings['protocol']}")
+    for column in ("attack", "accuracy", "± stderr", "correct / total"):
+        table.add_column(column, justify="right" if column != "attack" else "left")
+    rows = [*result["attacks"].items(), ("worst case", result["worst_case"])]
+    for name, row in rows:
+        table.add_row(name, f"{row['accuracy']:.4f}", f"{row['stderr']:.4f}", f"{row['correct']} / {row['total']}")
+    Console().print(table)
+    print(f"results: {result['output']}")
+
+
 def _list(what: str, pattern: str) -> int:
     registries = _registries()
     if what not in registries:
@@ -97,7 +159,30 @@ def _registries() -> dict[str, Callable[[], Any]]:
 
         return AUGMENTS
 
-    return {"models": models, "datasets": datasets, "methods": methods, "augments": augments}
+    def attacks() -> Any:
+        from robustkd.attacks import ATTACKS
+
+        return ATTACKS
+
+    def protocols() -> Any:
+        from robustkd.attacks import PRESETS
+
+        return PRESETS
+
+    def objectives() -> Any:
+        from robustkd.attacks import OBJECTIVES
+
+        return OBJECTIVES
+
+    return {
+        "models": models,
+        "datasets": datasets,
+        "methods": methods,
+        "augments": augments,
+        "attacks": attacks,
+        "protocols": protocols,
+        "objectives": objectives,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Knowledge distillation that keeps adversarial robustness and stays faithful to the teacher.",
         epilog="Run 'robustkd COMMAND --help' for a command's options and examples.",
     )
-    top.add_argument("command", choices=["quickstart", "train", "distill", "list"], help="what to do")
+    top.add_argument("command", choices=["quickstart", "train", "distill", "evaluate", "list"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
@@ -145,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             acc, secs = summary["test_acc"], summary["seconds"]
             print(f"quickstart: test accuracy {acc:.4f} in {secs:.0f} s ({summary['run_dir']})")
             return 0
+        if command == "evaluate":
+            return _evaluate(rest)
         if command == "list":
             lister = argparse.ArgumentParser(prog="robustkd list", description="List registered names.")
             lister.add_argument("what", choices=sorted(_registries()))

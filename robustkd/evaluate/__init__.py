@@ -1,0 +1,5 @@
+"""Evaluation: robustness (clean, per-attack and worst-case accuracy), faithfulness and reports."""
+
+from robustkd.evaluate.robustness import evaluate_robustness, resolve_protocol
+
+__all__ = ["evaluate_robustness", "resolve_protocol"]
