@@ -15,17 +15,19 @@ SUBSET, EPOCHS, N_TEST = 10_000, 3, 500
 
 
 def _train(tmp_path, name, method):
-    cfg = from_dict({
-        "name": name,
-        "out_dir": str(tmp_path),
-        "epochs": EPOCHS,
-        "progress": False,
-        "tensorboard": False,
-        "data": {"dataset": "fashion-mnist", "train_subset": SUBSET, "batch_size": 128},
-        "model": {"arch": "dm_small"},
-        "method": method,
-        "optim": {"lr": 0.05},
-    })
+    cfg = from_dict(
+        {
+            "name": name,
+            "out_dir": str(tmp_path),
+            "epochs": EPOCHS,
+            "progress": False,
+            "tensorboard": False,
+            "data": {"dataset": "fashion-mnist", "train_subset": SUBSET, "batch_size": 128},
+            "model": {"arch": "dm_small"},
+            "method": method,
+            "optim": {"lr": 0.05},
+        }
+    )
     return robustkd.train(cfg)
 
 
