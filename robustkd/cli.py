@@ -118,8 +118,9 @@ def _print_robustness(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     settings = result["settings"]
-    subset = " (a subset of the test set)" if settings.get("subset") else ""
-    table = Table(title=f"{result['model']['path']}: {settings.get('n')} test points{subset}, {settings['protocol']}")
+    scope = "a subset of the test set" if settings.get("subset") else "the full test set"
+    print(f"{result['model']['path']}: {settings.get('n')} test points ({scope}), protocol {settings['protocol']}")
+    table = Table()
     for column in ("attack", "accuracy", "± stderr", "correct / total"):
         table.add_column(column, justify="right" if column != "attack" else "left")
     rows = [*result["attacks"].items(), ("worst case", result["worst_case"])]

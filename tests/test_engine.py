@@ -162,3 +162,45 @@ def test_standard_small_cnn_fashion_mnist_reaches_85_percent(tmp_path):
     result = robustkd.train(cfg)
     assert result.test["n"] == 10000
     assert result.test["acc"] >= 0.85, result.test
+
+
+def _toy_teacher(tmp_path, num_classes=4, in_channels=1, input_size=16):
+    from robustkd.checkpoint import save_checkpoint
+    from robustkd.models import create_model
+
+    model = create_model("dm_small", num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    meta = {
+        "arch": "dm_small",
+        "arch_args": {},
+        "num_classes": num_classes,
+        "input_shape": [in_channels, input_size, input_size],
+        "mean": [0.0] * in_channels,
+        "std": [1.0] * in_channels,
+    }
+    save_checkpoint(tmp_path / "teacher" / "best", model, meta)
+    torch.save(model.state_dict(), tmp_path / "teacher.pt")
+    return model
+
+
+def test_distill_from_checkpoint_and_from_pt(tmp_path, toy):
+    _toy_teacher(tmp_path)
+    kd = {"name": "kd", "args": {"temperature": 2.0}}
+    a = robustkd.distill(_cfg(tmp_path, name="a", epochs=1, method=kd, teacher=str(tmp_path / "teacher" / "best")))
+    b = robustkd.distill(
+        _cfg(tmp_path, name="b", epochs=1, method=kd, teacher=str(tmp_path / "teacher.pt"), teacher_arch="dm_small")
+    )
+    wa, wb = load_model(a.run_dir / "last").state_dict(), load_model(b.run_dir / "last").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same teacher, however it was stored
+    assert read_meta(a.run_dir / "best")["method"] == "kd"
+
+
+@pytest.mark.parametrize(
+    ("teacher_kwargs", "message"),
+    [({"num_classes": 7}, "7 classes"), ({"in_channels": 3}, r"input \(3, 16, 16\)"), ({"input_size": 20}, "input")],
+)
+def test_teacher_student_mismatch_is_refused_before_training(tmp_path, toy, teacher_kwargs, message):
+    _toy_teacher(tmp_path, **teacher_kwargs)
+    cfg = _cfg(tmp_path, epochs=1, method={"name": "kd"}, teacher=str(tmp_path / "teacher" / "best"))
+    with pytest.raises(ConfigError, match=f"^teacher: .*{message}"):
+        robustkd.distill(cfg)
+    assert not (tmp_path / "toy" / "last.safetensors").exists()
