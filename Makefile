@@ -37,8 +37,10 @@ lint: setup
 	$(VENV)/bin/ruff check robustkd tests benchmarks
 	$(VENV)/bin/ruff format --check robustkd tests benchmarks
 
+# Unit tests spread over both cores; the end-to-end tests then run one at a time with two threads each.
 test: setup data lint
-	$(PY) -m pytest -q -n $(JOBS) --durations=15
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+	ROBUSTKD_TEST_THREADS=$(JOBS) $(PY) -m pytest -q -m slow --durations=10
 
 test-fast: setup data
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"

@@ -120,9 +120,46 @@ def test_second_process_on_same_run_is_refused(tmp_path, toy):
         robustkd.train(_cfg(tmp_path, epochs=1))
 
 
-def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, toy):
-    with pytest.raises(RobustKDError, match=r"non-finite loss .* method 'standard'.*--resume"):
+def test_nonfinite_loss_before_any_checkpoint(tmp_path, toy):
+    with pytest.raises(RobustKDError, match=r"non-finite loss .* method 'standard'.*no checkpoint was written"):
         robustkd.train(_cfg(tmp_path, epochs=1, optim={"lr": 1e30}))
+
+
+def _nan_in_epoch_2(monkeypatch):
+    from dataclasses import dataclass
+
+    from robustkd.methods import METHODS
+    from robustkd.methods.standard import Standard
+
+    @dataclass
+    class NanLater(Standard):
+        def __call__(self, student, teacher, batch, info):
+            out = super().__call__(student, teacher, batch, info)
+            if info.epoch == 1 and info.step % 2 == 0:
+                out.loss = out.loss * float("nan")
+            return out
+
+    monkeypatch.setitem(METHODS._entries, "nan_later", NanLater)
+
+
+def test_nonfinite_loss_keeps_last_good_checkpoint_and_resumes(tmp_path, toy, monkeypatch):
+    _nan_in_epoch_2(monkeypatch)
+    cfg = _cfg(tmp_path, epochs=2, method={"name": "nan_later"})
+    with pytest.raises(RobustKDError, match=r"epoch 2, step 6, method 'nan_later'.*checkpoint \(epoch 1\) is kept"):
+        robustkd.train(cfg)
+    assert read_meta(tmp_path / "toy" / "last")["epoch"] == 1
+    assert not (tmp_path / "toy" / ".lock").exists()
+    monkeypatch.setitem(robustkd.methods.METHODS._entries, "nan_later", robustkd.methods.standard.Standard)
+    result = robustkd.train(_cfg(tmp_path, epochs=2, method={"name": "nan_later"}, resume=True))
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_nonfinite_skip_option_skips_bad_steps(tmp_path, toy, monkeypatch):
+    _nan_in_epoch_2(monkeypatch)
+    with pytest.warns(UserWarning, match="non-finite loss at epoch 2"):
+        result = robustkd.train(_cfg(tmp_path, epochs=2, method={"name": "nan_later"}, nonfinite="skip"))
+    weights = load_model(result.run_dir / "last").state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 
 def test_teacher_method_needs_teacher(tmp_path, toy, monkeypatch):

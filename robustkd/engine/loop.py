@@ -354,11 +354,16 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                             optimizer.zero_grad(set_to_none=True)
                             progress.update(1)
                             continue
+                        kept = (
+                            f"The last good checkpoint (epoch {epoch}) is kept in {run_dir}; lower the rate and "
+                            "rerun with --resume true"
+                            if epoch > start_epoch or (run_dir / STATE_FILE).exists()
+                            else "No epoch had completed, so no checkpoint was written; lower the rate and rerun"
+                        )
                         raise TrainingError(
                             f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}, method "
                             f"{cfg.method.name!r}: usually a learning rate too high (optim.lr={lr:.4g}) or a loss "
-                            f"weight too large. The last good checkpoint is kept in {run_dir}; lower the rate and "
-                            "rerun with --resume true, or set --nonfinite skip"
+                            f"weight too large. {kept}, or set --nonfinite skip"
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
