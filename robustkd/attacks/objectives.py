@@ -198,16 +198,22 @@ class Mismatch(Objective):
 class Disagreement(Objective):
     """max_{j!=y} [(z_S^j - z_S^y) - (z_T^j - z_T^y)]: push the student to some j while the teacher holds y.
 
-    Broken: the two networks' argmaxes differ at x'.
+    ``flip="teacher"`` is the mirror, max_{j!=y} [(z_T^j - z_T^y) - (z_S^j - z_S^y)]: the teacher is pushed
+    off y while the student holds it. Broken (either way): the two networks' argmaxes differ at x'.
     """
 
+    flip: str = "student"
     needs_teacher: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.flip not in ("student", "teacher"):
+            raise ConfigError(f"flip: expected 'student' or 'teacher', got {self.flip!r}")
 
     def value(self, logits, y, *, teacher_logits=None, reference=None):
         zt = _need(teacher_logits, "a teacher (teacher=...)", "disagreement").float()
         zs = logits.float()
         diff = (zs - _true(zs, y)[:, None]) - (zt - _true(zt, y)[:, None])
-        return _other_max(diff, y)
+        return _other_max(diff if self.flip == "student" else -diff, y)
 
     def success(self, logits, y, *, teacher_logits=None, reference=None):
         zt = _need(teacher_logits, "a teacher (teacher=...)", "disagreement")

@@ -1,0 +1,5 @@
+"""``python -m robustkd``."""
+
+from robustkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""Native bound propagation over the flat graph: interval (IBP) forward and linear-relaxation backward.
+
+Shapes: a box is a pair ``(lower, upper)`` of tensors shaped like the node's output ``(B, ...)``. A
+linear bound on specs is a coefficient tensor ``A`` of shape ``(B, S, ...)`` (one row per spec and
+example) plus a bias ``(B, S)``; ``backward`` only ever computes *lower* bounds, and an upper bound is
+minus the lower bound of the negated spec, so each relaxation is written once.
+
+Everything is plain differentiable torch code on the tensors' own device, so IBP and CROWN-IBP training
+can backpropagate through the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkd.certify._graph import (
+    ADD,
+    AVGPOOL,
+    BATCHNORM,
+    CONV,
+    FLATTEN,
+    LINEAR,
+    MAXPOOL,
+    NORMALIZE,
+    RELU,
+    Graph,
+    Node,
+)
+
+Box = tuple[Tensor, Tensor]
+
+# Largest coefficient tensor (in elements) one chunk of a CROWN intermediate-bound pass may build.
+_CROWN_CHUNK_ELEMENTS = 2**24
+
+
+def channel_affine(node: Node, ndim: int) -> tuple[Tensor, Tensor]:
+    """Per-channel ``scale`` and ``shift`` of a Normalize / eval BatchNorm node, viewed to broadcast over
+    the trailing ``(C, *spatial)`` dims of an input with ``ndim`` dimensions (batch included)."""
+    m = node.module
+    if node.kind == NORMALIZE:
+        std = m.std.reshape(-1)
+        scale = 1.0 / std
+        shift = -m.mean.reshape(-1) / std
+    else:  # eval-mode batch norm: (x - mean) / sqrt(var + eps) * weight + bias
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+    view = (-1,) + (1,) * (ndim - 2)
+    return scale.reshape(view), shift.reshape(view)
+
+
+def ibp_node(node: Node, boxes: list[Box]) -> Box:
+    """Interval image of one node given the boxes of its inputs."""
+    kind, m = node.kind, node.module
+    if kind == ADD:
+        (l1, u1), (l2, u2) = boxes
+        return l1 + l2, u1 + u2
+    lower, upper = boxes[0]
+    if kind == RELU:  # not m(lower): an in-place ReLU would overwrite the stored pre-activation bounds
+        return F.relu(lower), F.relu(upper)
+    if kind in (MAXPOOL, AVGPOOL, FLATTEN):
+        # Monotone maps (average pooling has non-negative weights), so the box maps to a box.
+        return m(lower), m(upper)
+    # Affine maps: the centre goes through the map, the radius through its absolute value.
+    mid, rad = (upper + lower) / 2, (upper - lower) / 2
+    if kind == LINEAR:
+        mid, rad = F.linear(mid, m.weight, m.bias), F.linear(rad, m.weight.abs())
+    elif kind == CONV:
+        mid, rad = m._conv_forward(mid, m.weight, m.bias), m._conv_forward(rad, m.weight.abs(), None)
+    elif kind in (NORMALIZE, BATCHNORM):
+        scale, shift = channel_affine(node, mid.dim())
+        mid, rad = mid * scale + shift, rad * scale.abs()
+    else:  # pragma: no cover - build_graph only emits the kinds above
+        raise AssertionError(kind)
+    return mid - rad, mid + rad
+
+
+def _transpose(fn, A: Tensor, in_shape: torch.Size, create_graph: bool) -> Tensor:
+    """``A`` pulled back through the linear map ``fn`` (its vector-Jacobian product at 0)."""
+    B, S = A.shape[:2]
+    with torch.enable_grad():
+        dummy = torch.zeros((B * S, *in_shape[1:]), dtype=A.dtype, device=A.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(fn(dummy), dummy, A.reshape(B * S, *A.shape[2:]), create_graph=create_graph)
+    return grad.reshape(B, S, *in_shape[1:])
+
+
+def _sum_rest(t: Tensor) -> Tensor:
+    return t.flatten(2).sum(-1)
+
+
+class BoundState:
+    """Bounds of every node of ``graph`` over the input box ``[x_lower, x_upper]``.
+
+    ``intermediate="ibp"`` keeps interval bounds for the hidden layers (CROWN-IBP); ``"crown"`` tightens the
+    input of every ReLU and MaxPool with a backward pass of its own (CROWN). With ``tighten_with_ibp``
+    (the default) that pass covers only the neurons IBP (propagated from the refined bounds) leaves
+    unstable, and each keeps the tighter of its CROWN and IBP bounds (both are sound). With
+    ``tighten_with_ibp=False`` every neuron gets a CROWN bound that replaces the IBP one: plain CROWN, as
+    auto_LiRPA computes it for convolutional layers (a slower reference for tests).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        x_lower: Tensor,
+        x_upper: Tensor,
+        intermediate: str = "ibp",
+        tighten_with_ibp: bool = True,
+    ) -> None:
+        self.graph = graph
+        self.tighten = tighten_with_ibp
+        self.create_graph = torch.is_grad_enabled()
+        self.boxes: list[Box] = [(x_lower, x_upper)]
+        refine = self._needs_refinement() if intermediate == "crown" else {}
+        for idx, node in enumerate(graph.nodes[1:], start=1):
+            self.boxes.append(ibp_node(node, [self.boxes[i] for i in node.inputs]))
+            if idx in refine:
+                self.boxes[idx] = self._crown_box(idx, only_unstable=refine[idx] and self.tighten)
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _needs_refinement(self) -> dict[int, bool]:
+        """Nodes whose bounds enter a relaxation -> whether only ReLU-unstable neurons matter."""
+        out: dict[int, bool] = {}
+        nodes = self.graph.nodes
+        for node in nodes:
+            if node.kind not in (RELU, MAXPOOL):
+                continue
+            i, all_neurons = node.inputs[0], node.kind == MAXPOOL
+            if node.kind == MAXPOOL and nodes[i].kind == RELU:
+                # ReLU -> MaxPool: refine every pre-activation neuron (the pool uses the bounds of active
+                # ones too); the ReLU's image of that box is as tight as a pass from its output would be.
+                i = nodes[i].inputs[0]
+            if i == 0:  # the input box is exact
+                continue
+            # Only unstable neurons' bounds shape a ReLU relaxation.
+            out[i] = out.get(i, True) and not all_neurons
+        return out
+
+    def _crown_box(self, idx: int, only_unstable: bool) -> Box:
+        lower, upper = self.boxes[idx]
+        B = lower.shape[0]
+        flat_l, flat_u = lower.flatten(1), upper.flatten(1)
+        n = flat_l.shape[1]
+        if only_unstable:
+            neurons = torch.nonzero(((flat_l < 0) & (flat_u > 0)).any(0)).flatten()
+        else:
+            neurons = torch.arange(n, device=lower.device)
+        if neurons.numel() == 0:
+            return lower, upper
+        widest = max(math.prod(b[0].shape[1:]) for b in self.boxes[: idx + 1])
+        chunk = max(1, _CROWN_CHUNK_ELEMENTS // (2 * B * widest))
+        new_l, new_u = [], []
+        for part in neurons.split(chunk):
+            rows = F.one_hot(part, n).to(lower.dtype).unsqueeze(0).expand(B, -1, -1)
+            rows = rows.reshape(B, -1, *lower.shape[1:])
+            low = self.lower(idx, torch.cat([rows, -rows], 1))
+            new_l.append(low[:, : part.numel()])
+            new_u.append(-low[:, part.numel() :])
+        cl, cu = torch.cat(new_l, 1), torch.cat(new_u, 1)
+        flat_l = flat_l.index_copy(1, neurons, torch.maximum(flat_l[:, neurons], cl) if self.tighten else cl)
+        flat_u = flat_u.index_copy(1, neurons, torch.minimum(flat_u[:, neurons], cu) if self.tighten else cu)
+        return flat_l.view_as(lower), flat_u.view_as(upper)
+
+    # ------------------------------------------------------------------------------------ final bounds
+    @property
+    def output(self) -> Box:
+        return self.boxes[self.graph.output]
+
+    def ibp_spec(self, C: Tensor | None) -> Box:
+        """IBP bounds of ``C @ logits``; a final Linear layer is folded into ``C`` first (tighter)."""
+        if C is None:
+            return self.output
+        node = self.graph.nodes[self.graph.output]
+        if node.kind == LINEAR and self.boxes[node.inputs[0]][0].dim() == 2:
+            lower, upper = self.boxes[node.inputs[0]]
+            m = node.module
+            weight = C @ m.weight  # (B, S, in)
+            mid, rad = (upper + lower) / 2, (upper - lower) / 2
+            centre = torch.einsum("bsi,bi->bs", weight, mid)
+            if m.bias is not None:
+                centre = centre + C @ m.bias
+            radius = torch.einsum("bsi,bi->bs", weight.abs(), rad)
+        else:
+            lower, upper = self.output
+            mid, rad = (upper + lower) / 2, (upper - lower) / 2
+            centre = torch.einsum("bsk,bk->bs", C, mid)
+            radius = torch.einsum("bsk,bk->bs", C.abs(), rad)
+        return centre - radius, centre + radius
+
+    def crown_spec(self, C: Tensor, bound_lower: bool = True, bound_upper: bool = True) -> Box:
+        """Backward (CROWN) bounds of ``C @ logits``; a side not asked for is the IBP bound instead."""
+        S = C.shape[1]
+        rows = [C] if bound_lower else []
+        if bound_upper:
+            rows.append(-C)
+        low = self.lower(self.graph.output, torch.cat(rows, 1))
+        if bound_lower and bound_upper:
+            return low[:, :S], -low[:, S:]
+        ibp_l, ibp_u = self.ibp_spec(C)
+        return (low, ibp_u) if bound_lower else (ibp_l, -low)
+
+    # ---------------------------------------------------------------------------------------- backward
+    def lower(self, start: int, A: Tensor) -> Tensor:
+        """Lower bounds ``(B, S)`` of ``A · node_start(x)`` over the input box."""
+        A0, bias = self.backward(start, A)
+        return self.concretize(A0, bias)
+
+    def concretize(self, A0: Tensor | None, bias: Tensor) -> Tensor:
+        if A0 is None:
+            return bias
+        x_lower, x_upper = self.boxes[0]
+        mid, rad = ((x_upper + x_lower) / 2).flatten(1), ((x_upper - x_lower) / 2).flatten(1)
+        A0 = A0.flatten(2)
+        return torch.einsum("bsi,bi->bs", A0, mid) - torch.einsum("bsi,bi->bs", A0.abs(), rad) + bias
+
+    def backward(self, start: int, A: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Linear lower bound ``A0 · x + bias`` of ``A · node_start(x)`` valid on the input box."""
+        pending: dict[int, Tensor] = {start: A}
+        bias = A.new_zeros(A.shape[:2])
+        for idx in range(start, 0, -1):
+            A = pending.pop(idx, None)
+            if A is None:
+                continue
+            node = self.graph.nodes[idx]
+            if node.kind == ADD:
+                pulled = [(i, A) for i in node.inputs]
+            else:
+                A_in, b = self._pull(node, A)
+                pulled = [(node.inputs[0], A_in)]
+                if b is not None:
+                    bias = bias + b
+            for i, A_in in pulled:
+                pending[i] = pending[i] + A_in if i in pending else A_in
+        return pending.get(0), bias
+
+    def _pull(self, node: Node, A: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Coefficients on the node's input and the bias collected, for a lower bound of ``A · node``."""
+        kind, m = node.kind, node.module
+        lower, upper = self.boxes[node.inputs[0]]
+        in_shape = lower.shape
+        B, S = A.shape[:2]
+        if kind == LINEAR:
+            bias = None
+            if m.bias is not None:
+                bias = A @ m.bias  # (B, S, *leading dims of a Linear applied to a >2-D input)
+                bias = _sum_rest(bias) if bias.dim() > 2 else bias
+            return A @ m.weight, bias
+        if kind == CONV:
+            return self._pull_conv(m, A, in_shape)
+        if kind in (NORMALIZE, BATCHNORM):
+            scale, shift = channel_affine(node, len(in_shape))
+            channels = A.shape[2]
+            shift_c = shift.reshape(-1).expand(channels) if shift.numel() == 1 else shift.reshape(-1)
+            bias = A.reshape(B, S, channels, -1).sum(-1) @ shift_c
+            return A * scale, bias
+        if kind == FLATTEN:
+            return A.reshape(B, S, *in_shape[1:]), None
+        if kind == AVGPOOL:
+            return _transpose(m, A, in_shape, self.create_graph), None
+        if kind == RELU:
+            return self._pull_relu(A, lower, upper)
+        if kind == MAXPOOL:
+            return self._pull_maxpool(m, A, lower, upper)
+        raise AssertionError(kind)  # pragma: no cover - INPUT and ADD never reach here
+
+    def _pull_conv(self, m: nn.Conv2d, A: Tensor, in_shape: torch.Size) -> tuple[Tensor, Tensor | None]:
+        B, S = A.shape[:2]
+        bias = A.sum((-2, -1)) @ m.bias if m.bias is not None else None
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            # Rare layouts (padding="same", reflect/circular padding): transpose through autograd.
+            A_in = _transpose(lambda t: m._conv_forward(t, m.weight, None), A, in_shape, self.create_graph)
+            return A_in, bias
+        out_hw = A.shape[-2:]
+        output_padding = tuple(
+            in_shape[2 + d]
+            - ((out_hw[d] - 1) * m.stride[d] - 2 * m.padding[d] + m.dilation[d] * (m.kernel_size[d] - 1) + 1)
+            for d in range(2)
+        )
+        A_in = F.conv_transpose2d(
+            A.reshape(B * S, *A.shape[2:]),
+            m.weight,
+            None,
+            m.stride,
+            m.padding,
+            output_padding,
+            m.groups,
+            m.dilation,
+        )
+        return A_in.reshape(B, S, *in_shape[1:]), bias
+
+    @staticmethod
+    def _pull_relu(A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        # Upper line through (l, relu(l)) and (u, relu(u)): slope u+/(u+ - l-), which is 1 on active and 0
+        # on inactive neurons, and u/(u - l) on unstable ones; it passes through (l-, 0).
+        u_pos, l_neg = upper.clamp(min=0).unsqueeze(1), lower.clamp(max=0).unsqueeze(1)
+        slope_up = u_pos / (u_pos - l_neg).clamp(min=1e-12)
+        # Adaptive lower line (CROWN-IBP): slope 1 when u > -l, else 0; exact on stable neurons too.
+        slope_low = (upper > -lower).to(A.dtype).unsqueeze(1)
+        A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+        A_in = A_pos * slope_low + A_neg * slope_up
+        bias = _sum_rest(A_neg * (-slope_up * l_neg))
+        return A_in, bias
+
+    @staticmethod
+    def _pull_maxpool(m: nn.MaxPool2d, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        # Lower relaxation: max(window) >= x_i* with i* the element of largest lower bound. Upper: exactly
+        # x_i* when i* dominates (l_i* >= u_j for every other j in its window), else the constant max u.
+        B, S = A.shape[:2]
+        args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        l_star, index = F.max_pool2d(lower, *args, return_indices=True)
+        u_max = F.max_pool2d(upper, *args)
+        dominant = torch.zeros_like(l_star, dtype=torch.bool)
+        ks, st, dl = (nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.dilation))
+        if all(st[d] >= dl[d] * (ks[d] - 1) + 1 for d in range(2)):
+            # Windows do not overlap: hide each window's i* and take the max upper bound of the rest.
+            hidden = upper.flatten(2).scatter(-1, index.flatten(2), float("-inf")).view_as(upper)
+            dominant = l_star >= F.max_pool2d(hidden, *args)
+        A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+        dom = dominant.unsqueeze(1)
+        coeff = A_pos + torch.where(dom, A_neg, torch.zeros_like(A_neg))
+        bias = _sum_rest(torch.where(dom, torch.zeros_like(A_neg), A_neg * u_max.unsqueeze(1)))
+        C, H, W = lower.shape[1:]
+        flat_index = index.flatten(2).unsqueeze(1).expand(B, S, C, -1)
+        A_in = A.new_zeros(B, S, C, H * W).scatter_add(-1, flat_index, coeff.flatten(3))
+        return A_in.view(B, S, C, H, W), bias
