@@ -241,3 +241,32 @@ def test_teacher_student_mismatch_is_refused_before_training(tmp_path, toy, teac
     with pytest.raises(ConfigError, match=f"^teacher: .*{message}"):
         robustkd.distill(cfg)
     assert not (tmp_path / "toy" / "last.safetensors").exists()
+
+
+def test_distill_keyword_api_and_student_init(tmp_path, toy):
+    teacher = _toy_teacher(tmp_path)
+    result = robustkd.distill(
+        teacher=tmp_path / "teacher" / "best",
+        student="dm_small",
+        method={"name": "kd", "args": {"temperature": 2.0}},
+        data={"dataset": "toy", "batch_size": 32, "val_fraction": 0.25},
+        epochs=1,
+        out_dir=str(tmp_path),
+        name="kw",
+        progress=False,
+        tensorboard=False,
+    )
+    assert read_meta(result.run_dir / "best")["method"] == "kd"
+    # A student that starts from pre-trained weights (here the teacher's): its first step starts there.
+    init = robustkd.train(
+        _cfg(
+            tmp_path,
+            name="init",
+            epochs=1,
+            model={"arch": "dm_small", "init": str(tmp_path / "teacher" / "best")},
+            optim={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0},
+        )
+    )
+    start = teacher.state_dict()
+    end = load_model(init.run_dir / "last").state_dict()
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)

@@ -5,6 +5,8 @@ for models built from ``nn.Sequential``, ``Normalize``, ``nn.Linear``, ``nn.Conv
 ``nn.BatchNorm1d/2d``, ``nn.ReLU``, ``nn.MaxPool2d``, ``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``,
 ``nn.Flatten``, ``nn.Identity`` and ``Residual``. Optional auto_LiRPA backend (``robustkd.certify.lirpa``)
 for alpha-CROWN; it is imported only when asked for.
+
+``robustkd.certify(teacher, student, x, y, eps, ...)`` is :func:`certify`.
 """
 
 from robustkd.certify._graph import SUPPORTED_MODULES, UnsupportedModelError
@@ -46,3 +48,7 @@ __all__ = [
     "mixed_bounds",
     "worst_case_logits",
 ]
+
+from robustkd._callable import make_module_callable
+
+make_module_callable(__name__, "certify")
