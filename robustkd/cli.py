@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -130,6 +131,81 @@ def _print_robustness(result: dict[str, Any]) -> None:
     print(f"results: {result['output']}")
 
 
+CERTIFY_EXAMPLES = """examples:
+  robustkd certify --student runs/kd/best --teacher runs/teacher/best --eps 0.05 --method crown-ibp
+  robustkd certify --student runs/teacher/best --eps 0.1 --method ibp        # certified accuracy of one model
+  robustkd certify --student runs/kd/best --teacher runs/teacher/best --eps 0.05 --joint --n-examples 1000
+"""
+
+
+def _certify(argv: list[str]) -> int:
+    import argparse
+
+    from robustkd.certify.checkpoints import certify_checkpoints
+
+    parser = argparse.ArgumentParser(
+        prog="robustkd certify",
+        description=(
+            "Certified bounds over the Linf eps-ball on the test split: certified accuracy of the student "
+            "and, with --teacher, the share of teacher-correct points certified to agree with the teacher "
+            "and a certified upper bound on the confidence gap f_T^y - f_S^y."
+        ),
+        epilog=CERTIFY_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--student", required=True, help="checkpoint of the model to certify")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint (omit to certify the student alone)")
+    parser.add_argument("--eps", type=float, required=True, help="Linf radius, e.g. 0.05")
+    parser.add_argument("--method", default="ibp", help="ibp | crown-ibp | best | crown | alpha-crown")
+    parser.add_argument("--joint", action="store_true", help="also bound the pair jointly (tighter gap bounds)")
+    parser.add_argument("--rho", default="0.05,0.1,0.2", help="gap thresholds for the faithful share")
+    parser.add_argument("--n-examples", type=int, default=None, help="the first N test points only")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None, help="JSON output (default: cert_<ckpt>_<method>_<eps>.json beside it)")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    try:
+        rho = tuple(float(v) for v in ns.rho.split(",") if v.strip())
+    except ValueError as err:
+        raise RobustKDError(f"rho: expected comma-separated numbers, got {ns.rho!r}") from err
+    result = certify_checkpoints(
+        ns.student,
+        ns.teacher,
+        eps=ns.eps,
+        method=ns.method,
+        n_examples=ns.n_examples,
+        batch_size=ns.batch_size,
+        joint=ns.joint,
+        rho=rho,
+        device=ns.device,
+        data_root=ns.data_root,
+        out=ns.out,
+        progress=not ns.no_progress,
+    )
+    scope = "a subset of the test set" if result["subset"] else "the full test set"
+    print(f"{result['student_path']}: {result['n']} test points ({scope}), eps {ns.eps}, {ns.method}")
+    if ns.teacher is None:
+        print(
+            f"clean accuracy {_fmt(result['clean_accuracy'])}, certified accuracy {_fmt(result['certified_accuracy'])}"
+        )
+    else:
+        p = result["teacher_correct"]
+        print(
+            f"teacher certified accuracy {_fmt(result['teacher']['certified_accuracy'])}, "
+            f"student certified accuracy {_fmt(result['student']['certified_accuracy'])}"
+        )
+        print(f"on the {p['n']} teacher-correct points: certified agreement {_fmt(p['agreement_certified'])}")
+        print(f"certified gap bound: {json.dumps(p['gap_upper'])}")
+    print(f"results: {result['output']}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _list(what: str, pattern: str) -> int:
     registries = _registries()
     if what not in registries:
@@ -170,6 +246,11 @@ def _registries() -> dict[str, Callable[[], Any]]:
 
         return PRESETS
 
+    def verifiers() -> Any:
+        from robustkd.certify import VERIFIERS
+
+        return VERIFIERS
+
     def objectives() -> Any:
         from robustkd.attacks import OBJECTIVES
 
@@ -183,6 +264,7 @@ def _registries() -> dict[str, Callable[[], Any]]:
         "attacks": attacks,
         "protocols": protocols,
         "objectives": objectives,
+        "verifiers": verifiers,
     }
 
 
@@ -233,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if command == "evaluate":
             return _evaluate(rest)
+        if command == "certify":
+            return _certify(rest)
         if command == "list":
             lister = argparse.ArgumentParser(prog="robustkd list", description="List registered names.")
             lister.add_argument("what", choices=sorted(_registries()))

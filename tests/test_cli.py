@@ -9,14 +9,14 @@ from robustkd.cli import main
 from robustkd.models import create_model
 
 
-@pytest.mark.parametrize("command", ["train", "distill", "evaluate", "quickstart", "list"])
+@pytest.mark.parametrize("command", ["train", "distill", "evaluate", "certify", "quickstart", "list"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out
-    if command in ("train", "distill", "evaluate"):
+    if command in ("train", "distill", "evaluate", "certify"):
         assert "examples:" in out
 
 
@@ -76,3 +76,32 @@ def test_evaluate_a_checkpoint_on_a_subset(tmp_path, capsys):
     assert result["attacks"]["pgd5"]["accuracy"] <= result["attacks"]["clean"]["accuracy"]
     assert "a subset of the test set" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(tmp_path / "best"), "--attacks", "pgd", "--n-examples", "4"]) == 2
+
+
+def test_certify_pair_and_single_model(tmp_path, capsys):
+    model = create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
+    meta = {
+        "arch": "dm_small",
+        "arch_args": {},
+        "num_classes": 10,
+        "input_shape": [1, 28, 28],
+        "mean": [0.286],
+        "std": [0.353],
+        "dataset": "fashion-mnist",
+    }
+    save_checkpoint(tmp_path / "t" / "best", model, meta)
+    save_checkpoint(tmp_path / "s" / "best", model, meta)
+    out = tmp_path / "cert.json"
+    argv = ["certify", "--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "t"), "--eps", "0"]
+    assert main([*argv, "--n-examples", "20", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    # The same network at eps 0: every teacher-correct point is certified to agree, with a zero gap.
+    assert result["teacher_correct"]["agreement_certified"] in (None, 1.0)
+    assert result["subset"] is True and result["n"] == 20
+    assert "certified agreement" in capsys.readouterr().out
+    assert (
+        main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--n-examples", "8", "--no-progress"]) == 0
+    )
+    assert (tmp_path / "s" / "cert_best_ibp_0.1.json").is_file()
+    assert main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--method", "crown_ibp"]) == 2
+    assert "did you mean 'crown-ibp'" in capsys.readouterr().err
