@@ -69,3 +69,58 @@ def kl_to_probs(
     log_p = torch.log(target_probs + eps) if eps else torch.log(target_probs.clamp_min(1e-30))
     terms = torch.where(target_probs > 0, target_probs * (log_p - log_q), torch.zeros_like(log_q))
     return reduce(terms, reduction, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Certified-training pieces. Margins are ``m_j = z_j - z_y`` for ``j != y`` in increasing j (the column order of
+# ``robustkd.certify.margin_spec``); ``margin_upper`` holds sound upper bounds ``u_j`` of them over an eps-ball.
+
+
+def certified_ce(margin_upper: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """CE on the worst-case logits ``z_hat`` (Gowal et al. 2018): ``z_hat_y = 0``, ``z_hat_j = u_j``; batch mean.
+
+    Hard labels: ``CE(z_hat, y) = log(1 + Σ_{j≠y} exp(u_j))``, an upper bound of ``max_{x'} CE(z(x'), y)`` over
+    the ball. ``target_probs`` p (B, K) gives ``-Σ_c p_c log softmax(z_hat)_c`` instead (soft labels); with a
+    one-hot p it is the hard-label loss.
+    """
+    from robustkd.certify.specs import worst_case_logits
+
+    z_hat = worst_case_logits(margin_upper, y)
+    if target_probs is None:
+        return F.cross_entropy(z_hat, y)
+    return -(target_probs * F.log_softmax(z_hat, dim=1)).sum(dim=1).mean()
+
+
+def confidence_lower(margin_upper: torch.Tensor) -> torch.Tensor:
+    """Sound lower bound of ``f^y = softmax(z)_y`` from upper margin bounds: ``1 / (1 + Σ_{j≠y} exp(u_j))``.
+
+    ``f^y`` decreases in every margin, so the upper margins give its minimum. Written as
+    ``sigmoid(-logsumexp(u))``: no overflow for large margins, and small probabilities keep their gradient.
+    """
+    return torch.sigmoid(-torch.logsumexp(margin_upper, dim=1))
+
+
+def confidence_upper(margin_lower: torch.Tensor) -> torch.Tensor:
+    """Sound upper bound of ``f^y`` from lower margin bounds: ``1 / (1 + Σ_{j≠y} exp(l_j))``."""
+    return torch.sigmoid(-torch.logsumexp(margin_lower, dim=1))
+
+
+def faithful_hinge(teacher_upper: torch.Tensor, student_lower: torch.Tensor, rho: float = 0.0) -> torch.Tensor:
+    """``mean_i max(0, ub f_T^y(x_i) - lb f_S^y(x_i) - rho)``: the certified confidence gap above rho.
+
+    The teacher's bound is detached (a frozen target); the gradient reaches the student's lower bound only.
+    """
+    return F.relu(teacher_upper.detach() - student_lower - rho).mean()
+
+
+def faithful_log_hinge(teacher_upper: torch.Tensor, margin_upper: torch.Tensor, rho: float = 0.0) -> torch.Tensor:
+    """``mean_i max(0, log(ub f_T^y − rho) − log lb f_S^y)``, with ``log lb f_S^y = −log(1 + Σ_{j≠y} exp(u_j))``.
+
+    Zero on exactly the same points as :func:`faithful_hinge` (``lb f_S^y >= ub f_T^y − rho``; a teacher bound at
+    or below rho asks for nothing), but in log space: its gradient in ``u`` is ``softmax([0, u])`` where active,
+    while the hinge's is that times ``lb f_S^y``, which vanishes once the student's bound is loose.
+    """
+    target = teacher_upper.detach() - rho
+    log_lower = -torch.logsumexp(F.pad(margin_upper, (1, 0)), dim=1)
+    gap = torch.log(target.clamp_min(torch.finfo(target.dtype).tiny)) - log_lower
+    return torch.where(target > 0, F.relu(gap), torch.zeros_like(gap)).mean()
