@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import ThreatModel, perturb
+from robustkd.attacks import perturb
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
 from robustkd.methods.kd import check_kd_options, require_teacher
 from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import check_attack_mode
+from robustkd.methods.pgd_at import attack_threat
 
 
 def ard_loss(
@@ -77,14 +77,7 @@ class ARD(Method):
 
     def __post_init__(self) -> None:
         check_kd_options(self.alpha, self.temperature, self.kl_reduction)
-        self.threat = ThreatModel(
-            norm=self.norm,
-            eps=self.eps,
-            step_size=self.step_size,
-            steps=self.steps,
-            random_start=self.random_start,
-        )
-        check_attack_mode(self.attack_mode)
+        self.threat = attack_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)

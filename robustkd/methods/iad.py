@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import ThreatModel, perturb
+from robustkd.attacks import perturb
 from robustkd.errors import ConfigError
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
 from robustkd.methods.kd import check_kd_options, require_teacher
 from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import check_attack_mode
+from robustkd.methods.pgd_at import attack_threat
 
 VARIANTS = ("I", "II")
 DEFAULT_BEGIN = {"I": 60, "II": 40}  # the reference scripts' --begin
@@ -189,14 +189,7 @@ class IAD(Method):
             isinstance(self.begin, bool) or not isinstance(self.begin, int) or self.begin < 0
         ):
             raise ValueError(f"begin must be a non-negative integer epoch (0-based) or null, got {self.begin!r}")
-        self.threat = ThreatModel(
-            norm=self.norm,
-            eps=self.eps,
-            step_size=self.step_size,
-            steps=self.steps,
-            random_start=self.random_start,
-        )
-        check_attack_mode(self.attack_mode)
+        self.threat = attack_threat(self)
 
     @property
     def begin_epoch(self) -> int:

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import ThreatModel, perturb
+from robustkd.attacks import perturb
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
 from robustkd.methods.kd import check_kd_options, require_teacher
 from robustkd.methods.losses import kl_to_probs
-from robustkd.methods.pgd_at import check_attack_mode
+from robustkd.methods.pgd_at import attack_threat
 
 
 def rslad_loss(
@@ -79,14 +79,7 @@ class RSLAD(Method):
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.alpha == 0:
             raise ValueError("alpha = 0 leaves only the clean term (plain KD at τ = 1): use method 'kd'")
-        self.threat = ThreatModel(
-            norm=self.norm,
-            eps=self.eps,
-            step_size=self.step_size,
-            steps=self.steps,
-            random_start=self.random_start,
-        )
-        check_attack_mode(self.attack_mode)
+        self.threat = attack_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
