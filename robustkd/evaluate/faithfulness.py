@@ -57,11 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkd.attacks.checks import RobustnessWarning, check_deterministic, check_output_is_logits
-from robustkd.attacks.engine import attack_mode, check_unit_range, perturb
+from robustkd.attacks.engine import attack_mode, perturb
 from robustkd.attacks.objectives import ConfidenceGap, Disagreement, Mismatch, Objective
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError
-from robustkd.evaluate.robustness import _model_device, _progress, _summary
+from robustkd.evaluate.robustness import _model_device, _progress, _summary, check_data
 
 DISAGREEMENT_SEARCHES = ("student_flip", "teacher_flip", "mismatch")
 GAP_SURROGATES = ("prob", "log")
@@ -159,22 +159,6 @@ def _check_pair(teacher: nn.Module, student: nn.Module) -> None:
     for field, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{field}: expected an nn.Module, got {type(model).__name__}")
-
-
-def _check_data(x: Tensor, y: Tensor) -> None:
-    if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise ConfigError("x, y: expected tensors (images in [0, 1] and integer labels)")
-    if x.dim() < 2 or y.dim() != 1:
-        raise ConfigError(
-            f"x, y: expected x of shape (N, ...) and y of shape (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"x, y: length mismatch, {x.shape[0]} inputs but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ConfigError("x: empty input, nothing to evaluate")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ConfigError(f"y: expected integer class labels, got dtype {y.dtype}")
-    check_unit_range(x, "x")
 
 
 # ------------------------------------------------------------------------------------- summaries
@@ -287,7 +271,7 @@ def evaluate_faithfulness(
     non-deterministic entry).
     """
     _check_pair(teacher, student)
-    _check_data(x, y)
+    check_data(x, y)
     threats = _threats(eps, norm, steps, restarts, step_size)
     rhos = _check_rho(rho)
     dis_searches = _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES)

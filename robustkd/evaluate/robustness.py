@@ -71,6 +71,23 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def check_data(x: Tensor, y: Tensor) -> None:
+    """Images in [0, 1] of shape (N, ...) with N >= 1 integer labels; messages name the field."""
+    if not torch.is_tensor(x) or not torch.is_tensor(y):
+        raise ConfigError("x, y: expected tensors (images in [0, 1] and integer labels)")
+    if x.dim() < 2 or y.dim() != 1:
+        raise ConfigError(
+            f"x, y: expected x of shape (N, ...) and y of shape (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ConfigError(f"x, y: length mismatch, {x.shape[0]} inputs but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ConfigError("x: empty input, nothing to evaluate")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ConfigError(f"y: expected integer class labels, got dtype {y.dtype}")
+    check_unit_range(x, "x")
+
+
 def evaluate_robustness(
     model: nn.Module,
     x: Tensor,
@@ -111,19 +128,7 @@ def evaluate_robustness(
         raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise ConfigError("x, y: expected tensors (images in [0, 1] and integer labels)")
-    if x.dim() < 2 or y.dim() != 1:
-        raise ConfigError(
-            f"x, y: expected x of shape (N, ...) and y of shape (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"x, y: length mismatch, {x.shape[0]} inputs but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ConfigError("x: empty input, nothing to evaluate")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ConfigError(f"y: expected integer class labels, got dtype {y.dtype}")
-    check_unit_range(x, "x")
+    check_data(x, y)
     recipes = _resolve_attacks(attacks)
     if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < x.shape[0]):
         raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
