@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from robustkd.errors import RobustKDError
 from robustkd.models.layers import Normalize, Residual
@@ -123,6 +124,8 @@ def _build(module: nn.Module, graph: Graph, inp: int, name: str) -> int:
 
 def build_graph(model: nn.Module) -> Graph:
     """The flat graph of ``model``; raises ``UnsupportedModelError`` naming the first unsupported module."""
+    if isinstance(model, DistributedDataParallel):  # the training engine's student under torchrun
+        model = model.module
     graph = Graph()
     graph.add(INPUT, None, (), "input")
     graph.output = _build(model, graph, 0, "")

@@ -9,8 +9,9 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from robustkd.checkpoint import load_model, save_checkpoint
 from robustkd.config import TrainConfig, to_dict, validate
+from robustkd.engine.distributed import distributed
 from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.engine.state import STATE_FILE, load_state, save_state
 from robustkd.errors import ConfigError, RobustKDError
@@ -217,7 +219,12 @@ def _check_teacher(teacher: nn.Module, info: Any) -> None:
 
 
 def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
-    """Train (or distil into) a model as ``config`` says; returns where the checkpoints are."""
+    """Train (or distil into) a model as ``config`` says; returns where the checkpoints are.
+
+    Launched by torchrun with several processes, it trains with DistributedDataParallel: ``batch_size`` is
+    the global batch, each rank takes its shard of one shared permutation, and rank 0 alone validates and
+    writes the run folder (see docs/DISTRIBUTED.md). Every rank returns the same result.
+    """
     from robustkd.config import from_dict
     from robustkd.data import build_augment, iterate_batches, load_dataset, stratified_split
     from robustkd.models import create_model
@@ -226,22 +233,30 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
     method = build_method(cfg.method.name, cfg.method.args)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: method {cfg.method.name!r} distils from a teacher; pass --teacher PATH")
-    device = resolve_device(cfg.device)
     run_dir = Path(cfg.out_dir) / cfg.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RobustKDError(f"cannot create the run directory {run_dir}: {err}") from err
-    if not cfg.resume and (run_dir / STATE_FILE).exists():
-        raise ConfigError(
-            f"resume: {run_dir} already holds a run; pass --resume true to continue it, or choose another --name"
-        )
 
-    with run_lock(run_dir):
-        # Writing the resolved config first doubles as the pre-flight check that the folder is writable.
-        import yaml
+    with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
+        device = dist.device
+        batch_size = dist.rank_batch(cfg.data.batch_size)
 
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        def prepare() -> bool:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RobustKDError(f"cannot create the run directory {run_dir}: {err}") from err
+            if not cfg.resume and (run_dir / STATE_FILE).exists():
+                raise ConfigError(
+                    f"resume: {run_dir} already holds a run; pass --resume true to continue it, or choose "
+                    "another --name"
+                )
+            stack.enter_context(run_lock(run_dir))
+            # Writing the resolved config first doubles as the pre-flight check that the folder is writable.
+            import yaml
+
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return bool(cfg.resume and (run_dir / STATE_FILE).exists())
+
+        resuming = dist.on_main(prepare)
         seed_everything(cfg.seed)
         data = load_dataset(cfg.data.dataset, cfg.data.root)
         info = data.info
@@ -286,7 +301,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                 }
             teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=device, **teacher_kwargs))
             _check_teacher(teacher, info)
-        elif cfg.teacher is not None:
+        elif cfg.teacher is not None and dist.is_main:
             warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=2)
 
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
@@ -294,9 +309,12 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
         if steps_per_epoch == 0:
             raise ConfigError("data: the training split is empty")
         start_epoch, best_score, history = 0, -math.inf, []
-        if cfg.resume and (run_dir / STATE_FILE).exists():
+        if resuming:
+            # Every rank reads the same file (the run folder must be visible to all of them).
             saved = load_state(run_dir, model, optimizer)
             start_epoch, best_score, history = saved["epoch"] + 1, saved["best_score"], saved["history"]
+        # What methods call: DDP when distributed; checkpoints, validation and the optimiser use ``model``.
+        student = dist.wrap(model)
 
         meta = {
             "arch": cfg.model.arch,
@@ -310,25 +328,75 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
             "method": cfg.method.name,
             "config": to_dict(cfg),
         }
-        writer = _tensorboard(run_dir, cfg.tensorboard, start_epoch)
-        progress = _Progress(cfg.progress)
+        writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, start_epoch)
+        progress = _Progress(cfg.progress and dist.is_main)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
         select_robust = cfg.validate.attack is not None and cfg.validate.select in ("auto", "robust")
+
+        def close_epoch(epoch: int, epoch_seed: int, row: dict[str, Any], best_score: float) -> tuple[dict, float]:
+            """Validation, checkpoints and logs of one epoch: rank 0's work, on the unwrapped model."""
+            if len(val_y):
+                row["val/acc"] = accuracy(model, val_x, val_y, cfg.data.eval_batch_size)
+                if cfg.validate.attack is not None:
+                    vx, vy = val_x, val_y
+                    if cfg.validate.max_examples is not None:
+                        vx, vy = vx[: cfg.validate.max_examples], vy[: cfg.validate.max_examples]
+                    row["val/robust_acc"] = robust_accuracy(
+                        model,
+                        vx,
+                        vy,
+                        cfg.validate.attack,
+                        cfg.validate.protocol or "",
+                        cfg.data.eval_batch_size,
+                        epoch_seed,
+                    )
+                score = row["val/robust_acc"] if select_robust else row["val/acc"]
+            else:
+                score = -float(row["train/loss"])  # no validation split: best = lowest training loss
+            rows = [*history, row]
+            improved = score > best_score
+            if improved:
+                best_score = score
+            metrics = {**row, "best_score": best_score}
+            # Order matters for resume: best, then last, then the state that commits the epoch.
+            if improved:
+                save_checkpoint(run_dir / "best", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
+            save_checkpoint(run_dir / "last", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
+            save_state(run_dir, model, optimizer, {"epoch": epoch, "best_score": best_score, "history": rows})
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "epoch" and isinstance(value, int | float):
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            if cfg.progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train/", "val/")))
+                print(f"epoch {epoch + 1}: {shown}", flush=True)
+            return row, best_score
+
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 epoch_seed = derive_seed(cfg.seed, epoch)
-                seed_everything(epoch_seed)
+                # Ranks draw different augmentations and attack starts; the shuffle generator below is shared.
+                seed_everything(derive_seed(cfg.seed, epoch, dist.rank) if dist.enabled else epoch_seed)
                 generator = torch.Generator().manual_seed(epoch_seed)
-                model.train()
+                student.train()
                 sums: dict[str, torch.Tensor] = {}
                 correct = torch.zeros((), device=device)
                 seen = 0
                 started = time.perf_counter()
                 progress.epoch(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
                 split = type(train_split)(train_x, train_y)
-                for i, (x, y, idx) in enumerate(
-                    iterate_batches(split, cfg.data.batch_size, shuffle=True, generator=generator, device=device)
-                ):
+                batches = iterate_batches(
+                    split,
+                    batch_size,
+                    shuffle=True,
+                    generator=generator,
+                    device=device,
+                    rank=dist.rank,
+                    world_size=dist.world_size,
+                )
+                for i, (x, y, idx) in enumerate(batches):
                     step = epoch * steps_per_epoch + i
                     lr = learning_rate(cfg.optim, step, steps_per_epoch, cfg.epochs)
                     for group in optimizer.param_groups:
@@ -339,13 +407,14 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with autocast:
                         out = method(
-                            model,
+                            student,
                             teacher,
                             Batch(x, y, idx),
                             StepInfo(epoch, step, cfg.epochs, steps_per_epoch),
                         )
                     loss = out.loss
-                    if not torch.isfinite(loss.detach()).item():
+                    # All ranks must skip (or stop) together, or the others would wait in the gradient all-reduce.
+                    if not dist.all_true(bool(torch.isfinite(loss.detach()).item())):
                         if cfg.nonfinite == "skip":
                             warnings.warn(
                                 f"non-finite loss at epoch {epoch + 1}, step {step}: step skipped",
@@ -383,6 +452,13 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                     if (i + 1) % cfg.log_every == 0:
                         progress.update(cfg.log_every, f"loss {float(sums['loss']) / seen:.4f}")
                 progress.update(steps_per_epoch % cfg.log_every if steps_per_epoch % cfg.log_every else 0)
+                if dist.enabled:
+                    # Sums over every rank's examples: the weighted means of a single process at the same batch.
+                    keys = list(sums)
+                    counts = [torch.tensor(seen, device=device), correct, *(sums[k] for k in keys)]
+                    totals = dist.all_sum(torch.stack([c.double() for c in counts]))
+                    seen, correct = int(totals[0].item()), totals[1]
+                    sums = dict(zip(keys, totals[2:]))
 
                 row: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -392,57 +468,27 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                 row.update({f"train/{k}": float(v) / max(1, seen) for k, v in sums.items()})
                 if seen and out.logits is not None:
                     row["train/acc"] = float(correct) / seen
-                if len(val_y):
-                    row["val/acc"] = accuracy(model, val_x, val_y, cfg.data.eval_batch_size)
-                    if cfg.validate.attack is not None:
-                        vx, vy = val_x, val_y
-                        if cfg.validate.max_examples is not None:
-                            vx, vy = vx[: cfg.validate.max_examples], vy[: cfg.validate.max_examples]
-                        row["val/robust_acc"] = robust_accuracy(
-                            model,
-                            vx,
-                            vy,
-                            cfg.validate.attack,
-                            cfg.validate.protocol or "",
-                            cfg.data.eval_batch_size,
-                            epoch_seed,
-                        )
-                    score = row["val/robust_acc"] if select_robust else row["val/acc"]
-                else:
-                    score = -float(row["train/loss"])  # no validation split: best = lowest training loss
+                # The others wait here while rank 0 validates and writes; then all hold the same row.
+                row, best_score = dist.on_main(partial(close_epoch, epoch, epoch_seed, row, best_score))
                 history.append(row)
-                improved = score > best_score
-                if improved:
-                    best_score = score
-                metrics = {**row, "best_score": best_score}
-                # Order matters for resume: best, then last, then the state that commits the epoch.
-                if improved:
-                    save_checkpoint(run_dir / "best", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
-                save_checkpoint(run_dir / "last", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
-                save_state(run_dir, model, optimizer, {"epoch": epoch, "best_score": best_score, "history": history})
-                atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-                if writer is not None:
-                    for key, value in row.items():
-                        if key != "epoch" and isinstance(value, int | float):
-                            writer.add_scalar(key, value, epoch + 1)
-                    writer.flush()
-                if cfg.progress:
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train/", "val/")))
-                    print(f"epoch {epoch + 1}: {shown}", flush=True)
         finally:
             progress.close()
             if writer is not None:
                 writer.close()
 
-        best_model = load_model(run_dir / "best", device=device)
-        test_x = test_split.images.to(device)
-        test_y = test_split.labels.to(device)
-        test = {
-            "acc": accuracy(best_model, test_x, test_y, cfg.data.eval_batch_size),
-            "n": len(test_y),
-            "subset": cfg.data.test_subset is not None,
-        }
-        atomic_write_json(run_dir / "results.json", {"test": test, "best_score": best_score, "history": history})
+        def final_test() -> dict[str, Any]:
+            best_model = load_model(run_dir / "best", device=device)
+            test_x = test_split.images.to(device)
+            test_y = test_split.labels.to(device)
+            test = {
+                "acc": accuracy(best_model, test_x, test_y, cfg.data.eval_batch_size),
+                "n": len(test_y),
+                "subset": cfg.data.test_subset is not None,
+            }
+            atomic_write_json(run_dir / "results.json", {"test": test, "best_score": best_score, "history": history})
+            return test
+
+        test = dist.on_main(final_test)
         return TrainResult(run_dir, run_dir / "best.safetensors", run_dir / "last.safetensors", history, test)
 
 
