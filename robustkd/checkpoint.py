@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from robustkd.errors import CheckpointError
+from robustkd.errors import CheckpointError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "robustkd-checkpoint"
@@ -80,12 +80,20 @@ def save_checkpoint(
     return weights
 
 
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors one checkpoint of ``model`` holds (the file adds a small header)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def read_checkpoint(
     path: str | Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
     """Return (state_dict, metadata, extra tensors) of a robustkd checkpoint."""
     weights = resolve(path)
-    blob = weights.read_bytes()
+    try:
+        blob = weights.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {weights} ({err})") from err
     try:
         tensors = st_load(blob)
         with safe_open(str(weights), framework="pt") as handle:
@@ -103,8 +111,10 @@ def _read_meta(weights: Path, blob: bytes, header: Mapping[str, str]) -> dict[st
     if sidecar.is_file():
         try:
             meta = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
             raise CheckpointError(f"{sidecar} is not valid JSON ({err})") from err
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{sidecar} is not a checkpoint description (a JSON object)")
         if meta.get("weights_sha256") == hashlib.sha256(blob).hexdigest():
             return meta
         warnings.warn(
@@ -117,9 +127,12 @@ def _read_meta(weights: Path, blob: bytes, header: Mapping[str, str]) -> dict[st
             "load foreign weights with load_model(path, arch=...)"
         )
     try:
-        return json.loads(header[META_KEY])
+        meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{weights}: corrupt metadata in the safetensors header ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{weights}: the metadata in the safetensors header is not a JSON object")
+    return meta
 
 
 def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
@@ -129,16 +142,24 @@ def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
-    shape = meta["input_shape"]
-    return create_model(
-        meta["arch"],
-        num_classes=int(meta["num_classes"]),
-        in_channels=int(shape[0]),
-        input_size=int(shape[-1]),
-        mean=meta["mean"],
-        std=meta["std"],
-        **dict(meta.get("arch_args") or {}),
-    )
+    try:
+        shape = meta["input_shape"]
+        kwargs = {
+            "num_classes": int(meta["num_classes"]),
+            "in_channels": int(shape[0]),
+            "input_size": int(shape[-1]),
+            "mean": meta["mean"],
+            "std": meta["std"],
+            **dict(meta.get("arch_args") or {}),
+        }
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        raise CheckpointError(f"checkpoint metadata does not describe a model ({type(err).__name__}: {err})") from err
+    try:
+        return create_model(meta["arch"], **kwargs)
+    except (TypeError, ValueError) as err:  # not ConfigError: that names its field already
+        if isinstance(err, RobustKDError):
+            raise
+        raise CheckpointError(f"checkpoint metadata does not describe a model ({type(err).__name__}: {err})") from err
 
 
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -216,10 +237,16 @@ def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Mo
         raise CheckpointError(f"no file at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch file ({_first_line(err)})") from err
         raise CheckpointError(
             f"{path} holds more than tensors (it would need full unpickling, which can run code): refused. "
-            f"Re-save it as a plain state dict of tensors, or convert it to safetensors. ({err})"
+            f"Re-save it as a plain state dict of tensors, or convert it to safetensors. ({_first_line(err)})"
+        ) from err
+    except Exception as err:  # damaged files raise KeyError, EOFError, RuntimeError, ...; nothing ran
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch file ({type(err).__name__}: {_first_line(err)})"
         ) from err
     state = _find_state_dict(obj, path)
     model = create_model(arch, **kwargs)
@@ -235,12 +262,16 @@ def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Mo
     return model
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
 def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CheckpointError(f"{path} is not a state dict (names mapped to tensors)")
     # Weights saved from nn.DataParallel / DDP carry a 'module.' prefix.
     return {k.removeprefix("module."): v for k, v in obj.items()}

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import numbers
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
-from robustkd.errors import ConfigError
+from robustkd.errors import ConfigError, RobustKDError
 
 
 @dataclass
@@ -147,12 +153,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cond:
             raise ConfigError(f"{fld}: {msg}")
 
+    _check_types(cfg)
+
     need(
         bool(NAME_RE.match(cfg.name)) and ".." not in cfg.name,
         "name",
         f"{cfg.name!r} must be a plain folder name (letters, digits, '_.+-'; no '/' or '..')",
     )
     need(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
     need(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
     need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     d = cfg.data
@@ -175,6 +184,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", f"must be > 0 or null, got {o.grad_clip}")
     need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {list(o.betas)}")
+    need(all(m >= 0 for m in o.milestones), "optim.milestones", f"must be epochs >= 0, got {o.milestones}")
     v = cfg.validate
     need(
         v.select in ("auto", "clean", "robust"),
@@ -191,7 +202,72 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "validate.protocol",
         "set a threat model (e.g. linf-0.1) for validate.attack",
     )
+    need(
+        v.max_examples is None or v.max_examples >= 1,
+        "validate.max_examples",
+        f"must be >= 1 or null, got {v.max_examples}",
+    )
+    if v.attack is not None:
+        _check_attack(v.attack, v.protocol or "")
     return cfg
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    # A config built in Python skips from_dict; the range checks below must never meet a str or None.
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"{prefix}{f.name}: expected a mapping, got {_show(value)}")
+            _check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _typed(value, hint, f"{prefix}{f.name}"))
+
+
+def _check_attack(attack: str, protocol: str) -> None:
+    # Found now rather than after the first training epoch, when validation would first use them.
+    from robustkd.attacks import ThreatModel, get_attack
+
+    try:
+        get_attack(attack)
+    except RobustKDError as err:
+        raise ConfigError(f"validate.attack: {err}") from None
+    try:
+        ThreatModel.preset(protocol)
+    except RobustKDError as err:
+        raise ConfigError(f"validate.protocol: {err}") from None
+
+
+def load_config(source: str | os.PathLike | dict[str, Any] | TrainConfig) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML file, a dict or a config; every failure is a ``ConfigError``.
+
+    YAML is read with the safe loader only: a tag that would construct a Python object is refused.
+    """
+    if isinstance(source, TrainConfig):
+        return source
+    if isinstance(source, dict):
+        return from_dict(source)
+    if not isinstance(source, str | os.PathLike):
+        raise ConfigError(f"config: expected a YAML file, a dict or a TrainConfig, got {type(source).__name__}")
+    import yaml
+
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config: cannot read {path} ({err})") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML, or uses a tag that is not allowed ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"config: {path} nests too deeply") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of options, got {type(data).__name__}")
+    return from_dict(data)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -199,19 +275,91 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
-    """Build a (nested) config dataclass from a dict; unknown keys are refused with close matches."""
+    """Build a (nested) config dataclass from a dict.
+
+    Unknown keys are refused with close matches, and values of the wrong type with the field's name
+    (a number written as text, as YAML 1.1 reads ``1e-3``, is accepted for a float field).
+    """
+    if isinstance(data, cls):
+        return data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5) if isinstance(key, str) else []
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown option{hint}")
-        default = getattr(cls(), key) if dataclasses.is_dataclass(cls) else None
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = from_dict(value, hints[key], f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against (and, for numbers, converted to) the field type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(value, inner, where)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+    if hint is float:
+        return _number(value, where)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping of names to values, got {_show(value)}")
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        if origin is list:
+            return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        if len(value) == len(args):
+            return tuple(_typed(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list, tuple):
+        size = f" of {len(args)}" if origin is tuple else " of"
+        raise ConfigError(f"{where}: expected a list{size} numbers, got {_show(value)}")
+    raise ConfigError(f"{where}: unsupported field type {hint}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: must be a finite number, got {_show(value)}")
+    return out

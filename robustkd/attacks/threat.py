@@ -116,7 +116,7 @@ class ThreatModel:
 
         ``linf-4/255`` style fractions are accepted; parsed names get the default step rule.
         """
-        if name in PRESETS:
+        if isinstance(name, str) and name in PRESETS:
             base = PRESETS.get(name)
         else:
             base = _parse_preset(name)

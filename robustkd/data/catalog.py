@@ -123,9 +123,26 @@ def _download_dir(name: str, root: Path | None, cache_dir: str | os.PathLike | N
 
 def _splits(arrays: dict[str, np.ndarray]) -> tuple[Split, Split]:
     return (
-        Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
-        Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
+        Split(_standard(arrays["train_images"]), _standard(arrays["train_labels"])),
+        Split(_standard(arrays["test_images"]), _standard(arrays["test_labels"])),
     )
+
+
+def _standard(array: np.ndarray) -> torch.Tensor:
+    """A tensor with plain row-major strides.
+
+    A size-1 axis may carry any stride (``images[:, None]`` gives the channel axis of grey images stride
+    0). torch then also sees the batch as channels_last and may pick other kernels, so freshly decoded
+    data and the same data read back from the cache would train to different weights.
+    """
+    tensor = torch.from_numpy(array)
+    expected, step = [], 1
+    for size in reversed(tensor.shape):
+        expected.insert(0, step)
+        step *= size
+    if tensor.stride() != tuple(expected):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
 
 
 def _check_shape(info: DatasetInfo, arrays: dict[str, np.ndarray], source: Path) -> None:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustkd.checkpoint import load_model, save_checkpoint
+from robustkd.checkpoint import checkpoint_bytes, load_model, save_checkpoint
 from robustkd.config import TrainConfig, to_dict, validate
 from robustkd.engine.distributed import distributed
 from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.engine.state import STATE_FILE, load_state, save_state
 from robustkd.errors import ConfigError, RobustKDError
-from robustkd.io import atomic_write_json, atomic_write_text
+from robustkd.io import atomic_write_json, atomic_write_text, preflight_write
 from robustkd.methods import Batch, StepInfo, build_method
 
 
@@ -240,10 +240,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
         batch_size = dist.rank_batch(cfg.data.batch_size)
 
         def prepare() -> bool:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise RobustKDError(f"cannot create the run directory {run_dir}: {err}") from err
+            preflight_write(run_dir)  # creatable and writable, or one clear error before any work
             if not cfg.resume and (run_dir / STATE_FILE).exists():
                 raise ConfigError(
                     f"resume: {run_dir} already holds a run; pass --resume true to continue it, or choose "
@@ -305,6 +302,10 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
             warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=2)
 
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+        # Room for the next writes: a fresh run writes best, last and the resume state (weights and up to two
+        # optimiser moments) plus a temporary copy; a resumed one replaces them, one temporary copy at a time.
+        copies = 3 if resuming else 6
+        dist.on_main(lambda: preflight_write(run_dir, need_bytes=copies * checkpoint_bytes(model)))
         steps_per_epoch = math.ceil(len(train_y) / cfg.data.batch_size)
         if steps_per_epoch == 0:
             raise ConfigError("data: the training split is empty")

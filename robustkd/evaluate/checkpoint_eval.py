@@ -20,10 +20,10 @@ def load_test_points(
 
     if "dataset" not in meta:
         raise ConfigError("dataset: the checkpoint does not name its dataset; pass --dataset")
+    if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1):
+        raise ConfigError(f"n_examples: must be an integer >= 1, got {n_examples!r}")
     data = load_dataset(meta["dataset"], data_root)
     n_total = len(data.test)
-    if n_examples is not None and n_examples < 1:
-        raise ConfigError(f"n_examples: must be >= 1, got {n_examples}")
     n = n_total if n_examples is None else min(n_examples, n_total)
     x = data.test.images[:n].float().div_(255)
     return x, data.test.labels[:n].clone(), n_total, data.source
@@ -42,18 +42,33 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Robustness of a checkpoint on its test split; the JSON goes next to it unless ``out`` says otherwise."""
+    """Robustness of a checkpoint on its test split; the JSON goes next to it unless ``out`` says otherwise.
+
+    Per-example progress is saved beside the output (``<out>.progress.json``) as the attacks run; with
+    ``resume`` a killed run started again with the same arguments continues from it and gives the same
+    result. The file is removed once the result is written.
+    """
     from robustkd.checkpoint import load_model, resolve
     from robustkd.engine.loop import resolve_device
-    from robustkd.evaluate.robustness import evaluate_robustness
+    from robustkd.evaluate.robustness import _resolve_attacks, evaluate_robustness, resolve_protocol
 
+    resolve_protocol(protocol)  # bad names fail before the model and the data are loaded
+    _resolve_attacks(attacks)
     dev = resolve_device(device)
     model = load_model(model_path, device=dev)
     meta = dict(getattr(model, "robustkd_meta", {}))
     if dataset is not None:
         meta["dataset"] = dataset
     x, y, n_total, source = load_test_points(meta, n_examples, data_root)
+    weights = resolve(model_path)
+    if out is None:
+        safe = protocol.replace("/", "_")
+        out = weights.with_name(f"eval_{weights.stem}_{safe}.json")
+    saved = progress_path(out)
+    if not resume:
+        saved.unlink(missing_ok=True)
     result = evaluate_robustness(
         model,
         x.to(dev),
@@ -65,13 +80,17 @@ def evaluate_checkpoint(
         device=dev,
         progress=progress,
         dataset_size=n_total,
+        progress_file=saved,
     )
-    weights = resolve(model_path)
     result["model"] = {"path": str(weights), "arch": meta.get("arch"), "method": meta.get("method")}
     result["data"] = {"dataset": meta.get("dataset"), "source": source, "split": "test"}
-    if out is None:
-        safe = protocol.replace("/", "_")
-        out = weights.with_name(f"eval_{weights.stem}_{safe}.json")
     atomic_write_json(out, result)
+    saved.unlink(missing_ok=True)
     result["output"] = str(out)
     return result
+
+
+def progress_path(out: str | Path) -> Path:
+    """Where the per-example progress of a run writing ``out`` is kept until it finishes."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".progress.json")

@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,15 @@ from robustkd.attacks.engine import attack_mode, check_unit_range
 from robustkd.attacks.recipes import AttackRecipe, get_attack
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError, RegistryError
+from robustkd.evaluate.progress import (
+    ProgressFile,
+    fingerprint,
+    model_tensors,
+    pack_bits,
+    pack_generator,
+    unpack_bits,
+    unpack_generator,
+)
 
 
 def resolve_protocol(protocol: str | ThreatModel) -> tuple[str, ThreatModel]:
@@ -103,6 +113,8 @@ def evaluate_robustness(
     cumulative: bool = False,
     dataset_size: int | None = None,
     checks: bool = True,
+    progress_file: str | Path | None = None,
+    save_every: int = 1,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on (x, y) without attack and under each attack of a protocol.
 
@@ -116,6 +128,11 @@ def evaluate_robustness(
     ``checks``: run AutoAttack-style sanity checks on the first batch (probability outputs, randomness,
     zero gradients); they emit :class:`RobustnessWarning`s, which are also listed under ``"warnings"``.
     Deterministic given ``seed``: every attack draws its random starts from a CPU generator seeded with it.
+
+    ``progress_file``: where to save per-example progress (results so far and the generator's state)
+    atomically every ``save_every`` batches. A run killed part-way and started again with the same
+    settings, weights and data continues from that file and gives the same result as an uninterrupted
+    one; a file saved for anything else is ignored. The caller removes it once the result is kept.
 
     Returns a JSON-able dict with ``settings``, ``attacks`` (per attack: accuracy, binomial stderr,
     correct, total), ``worst_case``, ``per_example`` (correct per attack, first attack that broke each
@@ -136,9 +153,22 @@ def evaluate_robustness(
     run_device = torch.device(device) if device is not None else (model_device or x.device)
     if model_device is not None and model_device.type != run_device.type:
         raise ConfigError(f"device: the model is on {model_device} but device={run_device}; move the model first")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
 
     n = x.shape[0]
     y = y.long()
+    names = [r.name for r in recipes]
+    settings = {
+        "protocol": protocol_name,
+        "threat": threat.to_dict(),
+        "attacks": names,
+        "seed": seed,
+        "batch_size": batch_size,
+        "cumulative": cumulative,
+        "device": run_device.type,  # kernels, and so borderline results, differ between devices
+    }
+    saved = _open_progress(progress_file, settings, model, x, y)
     correct: dict[str, Tensor] = {}
     timing: dict[str, float] = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -146,8 +176,11 @@ def evaluate_robustness(
         with attack_mode(model, None, "eval"):
             if checks:
                 _run_checks(model, x[:batch_size].to(run_device), y[:batch_size].to(run_device))
+            resumed = _restore(saved, names, n, correct, timing)
             with _progress(progress) as bar:
                 for recipe in recipes:
+                    if recipe.name in correct:  # finished before the interruption
+                        continue
                     start = time.perf_counter()
                     if recipe.kind == "clean":
                         todo = torch.arange(n)
@@ -159,8 +192,14 @@ def evaluate_robustness(
                         todo = alive.nonzero().flatten()
                     result = torch.zeros(n, dtype=torch.bool)
                     generator = torch.Generator().manual_seed(seed)
-                    task = bar.add_task(recipe.name, total=int(todo.numel())) if bar is not None else None
-                    for begin in range(0, todo.numel(), batch_size):
+                    first, before = 0, 0.0
+                    if resumed is not None and resumed["name"] == recipe.name:
+                        result, first, before = resumed["result"], resumed["begin"], resumed["elapsed"]
+                        generator.set_state(resumed["generator"])
+                    task = None
+                    if bar is not None:
+                        task = bar.add_task(recipe.name, total=int(todo.numel()), completed=first)
+                    for count, begin in enumerate(range(first, todo.numel(), batch_size), 1):
                         idx = todo[begin : begin + batch_size]
                         xb = x[idx.to(x.device)].to(run_device)
                         yb = y[idx.to(y.device)].to(run_device)
@@ -169,17 +208,22 @@ def evaluate_robustness(
                             result[idx] = (model(x_adv).argmax(dim=-1) == yb).cpu()
                         if bar is not None:
                             bar.advance(task, idx.numel())
+                        if count % save_every == 0 and begin + batch_size < todo.numel():
+                            current = {
+                                "name": recipe.name,
+                                "begin": begin + batch_size,
+                                "result": pack_bits(result),
+                                "generator": pack_generator(generator),
+                                "elapsed": before + time.perf_counter() - start,
+                            }
+                            _save(saved, correct, timing, caught, current)
                     correct[recipe.name] = result
-                    timing[recipe.name] = time.perf_counter() - start
+                    timing[recipe.name] = before + time.perf_counter() - start
+                    _save(saved, correct, timing, caught, None)
     for w in caught:  # let the caller see every warning too, not only the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    recorded = []
-    for w in caught:
-        entry = {"category": w.category.__name__, "message": str(w.message)}
-        if issubclass(w.category, RobustnessWarning) and entry not in recorded:
-            recorded.append(entry)
+    recorded = _recorded(saved.state.get("warnings", []), caught)
 
-    names = [r.name for r in recipes]
     worst = torch.ones(n, dtype=torch.bool)
     for name in names:
         worst &= correct[name]
@@ -215,6 +259,72 @@ def evaluate_robustness(
         "warnings": recorded,
         "timing": timing,
     }
+
+
+def _open_progress(
+    path: str | Path | None, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor
+) -> ProgressFile:
+    if path is None:
+        return ProgressFile(None, "")
+    key = fingerprint({"what": "robustness", **settings}, [*model_tensors("model", model), ("x", x), ("y", y)])
+    return ProgressFile(path, key)
+
+
+def _restore(
+    saved: ProgressFile, names: list[str], n: int, correct: dict[str, Tensor], timing: dict[str, float]
+) -> dict[str, Any] | None:
+    """Fill ``correct``/``timing`` with finished attacks; return the interrupted one's state, if any."""
+    state = saved.state
+    if not state:
+        return None
+    try:
+        done = {k: unpack_bits(state["done"][k], n) for k in names if k in state["done"]}
+        times = {k: float(state["timing"][k]) for k in done}
+        current = state.get("current")
+        if current is not None:
+            generator = torch.Generator()
+            unpack_generator(generator, current["generator"])
+            current = {
+                "name": str(current["name"]),
+                "begin": int(current["begin"]),
+                "result": unpack_bits(current["result"], n),
+                "generator": generator.get_state(),
+                "elapsed": float(current["elapsed"]),
+            }
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        warnings.warn(f"ignoring {saved.path}: its contents are damaged ({err}); starting over", stacklevel=3)
+        saved.discard()
+        return None
+    correct.update(done)
+    timing.update(times)
+    return current
+
+
+def _recorded(before: list[dict[str, str]], caught: list[warnings.WarningMessage]) -> list[dict[str, str]]:
+    recorded = [dict(e) for e in before if isinstance(e, dict)]
+    for w in caught:
+        entry = {"category": w.category.__name__, "message": str(w.message)}
+        if issubclass(w.category, RobustnessWarning) and entry not in recorded:
+            recorded.append(entry)
+    return recorded
+
+
+def _save(
+    saved: ProgressFile,
+    correct: dict[str, Tensor],
+    timing: dict[str, float],
+    caught: list[warnings.WarningMessage],
+    current: dict[str, Any] | None,
+) -> None:
+    if saved.path is None:
+        return
+    state = {
+        "done": {k: pack_bits(v) for k, v in correct.items()},
+        "timing": dict(timing),
+        "current": current,
+        "warnings": _recorded(saved.state.get("warnings", []), caught),
+    }
+    saved.save(state)
 
 
 def _run_checks(model: nn.Module, x: Tensor, y: Tensor) -> None:
