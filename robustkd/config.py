@@ -98,8 +98,12 @@ class ValidateConfig:
     """E.g. 'pgd10': also measure robust accuracy on the validation split."""
     protocol: str | None = None
     """Threat-model preset for that attack, e.g. 'linf-0.1'."""
+    certify: str | None = None
+    """E.g. 'ibp': also measure certified accuracy on the validation split at the protocol's eps (ibp | crown-ibp
+    | best); for certified training, whose clean accuracy peaks before the eps ramp."""
     select: str = "auto"
-    """auto (robust accuracy when an attack is set, else clean) | clean | robust."""
+    """auto (certified accuracy when certify is set, else robust when an attack is set, else clean) | clean |
+    robust | certified | last (the latest epoch)."""
     max_examples: int | None = None
     """Cap the validation points attacked each epoch (cost)."""
 
@@ -144,6 +148,7 @@ class TrainConfig:
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+SELECT = ("auto", "clean", "robust", "certified", "last")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -188,9 +193,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(all(m >= 0 for m in o.milestones), "optim.milestones", f"must be epochs >= 0, got {o.milestones}")
     v = cfg.validate
     need(
-        v.select in ("auto", "clean", "robust"),
+        v.select in SELECT,
         "validate.select",
-        f"must be auto, clean or robust, got {v.select!r}",
+        f"must be one of {', '.join(SELECT)}, got {v.select!r}",
     )
     need(
         v.select != "robust" or v.attack is not None,
@@ -198,9 +203,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "'robust' needs validate.attack (e.g. pgd10)",
     )
     need(
-        v.attack is None or v.protocol is not None,
+        v.select != "certified" or v.certify is not None,
+        "validate.select",
+        "'certified' needs validate.certify (e.g. ibp)",
+    )
+    need(
+        (v.attack is None and v.certify is None) or v.protocol is not None,
         "validate.protocol",
-        "set a threat model (e.g. linf-0.1) for validate.attack",
+        "set a threat model (e.g. linf-0.1) for validate.attack / validate.certify",
     )
     need(
         v.max_examples is None or v.max_examples >= 1,
@@ -209,6 +219,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     if v.attack is not None:
         _check_attack(v.attack, v.protocol or "")
+    if v.certify is not None:
+        _check_certify(v.certify, v.protocol or "")
     return cfg
 
 
@@ -237,6 +249,19 @@ def _check_attack(attack: str, protocol: str) -> None:
         ThreatModel.preset(protocol)
     except RobustKDError as err:
         raise ConfigError(f"validate.protocol: {err}") from None
+
+
+def _check_certify(verifier: str, protocol: str) -> None:
+    from robustkd.attacks import ThreatModel
+    from robustkd.certify import get_verifier
+
+    try:
+        get_verifier(verifier)
+        threat = ThreatModel.preset(protocol)
+    except RobustKDError as err:
+        raise ConfigError(f"validate.certify: {err}") from None
+    if threat.norm != "linf":
+        raise ConfigError(f"validate.certify: certificates are for linf balls, but {protocol!r} is {threat.norm}")
 
 
 def load_config(source: str | os.PathLike | dict[str, Any] | TrainConfig) -> TrainConfig:

@@ -270,3 +270,48 @@ def test_distill_keyword_api_and_student_init(tmp_path, toy):
     start = teacher.state_dict()
     end = load_model(init.run_dir / "last").state_dict()
     assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
+
+
+def test_certified_validation_selects_the_most_certified_epoch(tmp_path, toy):
+    from robustkd.certify import certified_accuracy
+    from robustkd.data.batches import stratified_split
+
+    cfg = _cfg(
+        tmp_path,
+        epochs=3,
+        method={"name": "ibp", "args": {"eps_train": 0.05, "warmup_epochs": 1, "ramp_epochs": 1}},
+        validate={"certify": "ibp", "protocol": "linf-0.05"},
+    )
+    robustkd.train(cfg)
+    run = tmp_path / "toy"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["val/cert_acc"] <= r["val/acc"] for r in rows)
+    best = max(rows, key=lambda r: (r["val/cert_acc"], -r["epoch"]))
+    assert read_meta(run / "best")["epoch"] == best["epoch"]
+    # The logged figure is certify's own on the validation split.
+    train = _toy_dataset().train
+    _, val_idx = stratified_split(train.labels, 0.25, cfg.seed)
+    val = train.subset(val_idx)
+    last = load_model(run / "last")
+    assert rows[-1]["val/cert_acc"] == certified_accuracy(last, val.images, val.labels, 0.05, "ibp")
+
+
+def test_select_last_keeps_the_latest_epoch(tmp_path, toy):
+    robustkd.train(_cfg(tmp_path, epochs=3, validate={"select": "last"}))
+    assert read_meta(tmp_path / "toy" / "best")["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    ("validate", "field"),
+    [
+        ({"select": "certified"}, "validate.select"),
+        ({"certify": "ibp"}, "validate.protocol"),
+        ({"certify": "ibq", "protocol": "linf-0.1"}, "validate.certify"),
+        ({"certify": "ibp", "protocol": "l2-0.5"}, "validate.certify"),
+    ],
+)
+def test_certified_validation_options_are_checked(tmp_path, validate, field):
+    from robustkd.config import validate as check
+
+    with pytest.raises(ConfigError, match=field):
+        check(_cfg(tmp_path, validate=validate))

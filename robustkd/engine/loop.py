@@ -152,6 +152,25 @@ def robust_accuracy(
     return float(result["attacks"][attack]["accuracy"])
 
 
+def certified_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, verifier: str, protocol: str, batch_size: int
+) -> float:
+    """Certified accuracy at the protocol's (linf) eps on uint8 images, model in eval mode."""
+    from robustkd.attacks import ThreatModel
+    from robustkd.certify import certified_accuracy as certified
+
+    eps = ThreatModel.preset(protocol).eps
+    return certified(model, images, labels, eps, verifier, batch_size)
+
+
+def _selection(v: Any) -> str:
+    """The metric the best checkpoint maximises (a key of the epoch's row), or "last"."""
+    select = v.select
+    if select == "auto":
+        select = "certified" if v.certify is not None else "robust" if v.attack is not None else "clean"
+    return {"clean": "val/acc", "robust": "val/robust_acc", "certified": "val/cert_acc"}.get(select, select)
+
+
 class _Progress:
     """A rich progress bar with live loss/accuracy, or nothing."""
 
@@ -332,16 +351,16 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
         writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, start_epoch)
         progress = _Progress(cfg.progress and dist.is_main)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
-        select_robust = cfg.validate.attack is not None and cfg.validate.select in ("auto", "robust")
+        select = _selection(cfg.validate)
 
         def close_epoch(epoch: int, epoch_seed: int, row: dict[str, Any], best_score: float) -> tuple[dict, float]:
             """Validation, checkpoints and logs of one epoch: rank 0's work, on the unwrapped model."""
             if len(val_y):
                 row["val/acc"] = accuracy(model, val_x, val_y, cfg.data.eval_batch_size)
+                vx, vy = val_x, val_y
+                if cfg.validate.max_examples is not None:
+                    vx, vy = vx[: cfg.validate.max_examples], vy[: cfg.validate.max_examples]
                 if cfg.validate.attack is not None:
-                    vx, vy = val_x, val_y
-                    if cfg.validate.max_examples is not None:
-                        vx, vy = vx[: cfg.validate.max_examples], vy[: cfg.validate.max_examples]
                     row["val/robust_acc"] = robust_accuracy(
                         model,
                         vx,
@@ -351,7 +370,11 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                         cfg.data.eval_batch_size,
                         epoch_seed,
                     )
-                score = row["val/robust_acc"] if select_robust else row["val/acc"]
+                if cfg.validate.certify is not None:
+                    row["val/cert_acc"] = certified_accuracy(
+                        model, vx, vy, cfg.validate.certify, cfg.validate.protocol or "", cfg.data.eval_batch_size
+                    )
+                score = float(epoch) if select == "last" else row[select]
             else:
                 score = -float(row["train/loss"])  # no validation split: best = lowest training loss
             rows = [*history, row]
