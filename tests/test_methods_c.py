@@ -660,7 +660,11 @@ def test_config_loads_validates_and_builds(path: str) -> None:
     method = build_method(cfg.method.name, cfg.method.args)
     assert cfg.method.name in NAMES
     assert cfg.model.arch in list_models() and model_info(cfg.model.arch).boundable
-    get_attack(cfg.validate.attack)
+    if method.needs_teacher:  # faithful: robust validation, the last epoch kept
+        get_attack(cfg.validate.attack)
+        assert cfg.validate.select == "last"
+    else:  # certified teachers keep the most-certified validation epoch
+        assert cfg.validate.certify == "ibp" and cfg.validate.select == "auto"
     protocol = ThreatModel.preset(cfg.validate.protocol)
     assert method.eps_train >= protocol.eps  # train at least at the test eps
     assert method.warmup_epochs + method.ramp_epochs < cfg.epochs  # the full eps is reached in the run
