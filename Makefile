@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT ?= runs/quickstart
 JOBS ?= 2
 
-.PHONY: setup data quickstart test test-fast lint bench clean
+.PHONY: setup data browser quickstart test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,16 @@ data:
 		     "or set ROBUSTKD_DATA to a folder holding the four *-ubyte.gz files." >&2; exit 1; \
 	fi
 
+# Headless Chromium for the report's browser test (Debian's chromium); install it when missing and we are root.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	else \
+		echo "chromium is missing (the report's browser test is skipped without it): run" \
+		     "'sudo apt-get install chromium'." >&2; \
+	fi
+
 quickstart: setup data
 	$(VENV)/bin/robustkd quickstart --out $(OUT)
 
@@ -38,7 +48,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check robustkd tests benchmarks
 
 # Unit tests spread over both cores; the end-to-end tests then run one at a time with two threads each.
-test: setup data lint
+test: setup data browser lint
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
 	ROBUSTKD_TEST_THREADS=$(JOBS) $(PY) -m pytest -q -m slow --durations=10
 

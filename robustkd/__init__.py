@@ -9,6 +9,7 @@ The Python API mirrors the command line::
     model = robustkd.load_model(run.run_dir / "best")
     robustkd.evaluate(model, x, y, protocol="linf-0.1")            # robustkd.evaluate.evaluate_robustness
     robustkd.certify(teacher, model, x, y, eps=0.05)               # robustkd.certify.certify
+    robustkd.report(["runs/kd"], out="report")                     # robustkd.report.make_report
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ if TYPE_CHECKING:
     from robustkd.config import TrainConfig
     from robustkd.engine import TrainResult
 
-_SUBPACKAGES = ("attacks", "certify", "checkpoint", "config", "data", "engine", "evaluate", "methods", "models")
+_SUBPACKAGES = (
+    "attacks",
+    "certify",
+    "checkpoint",
+    "config",
+    "data",
+    "engine",
+    "evaluate",
+    "methods",
+    "models",
+    "report",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -104,4 +116,4 @@ def load_model(path: Any, **kwargs: Any) -> Any:
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "certify", "distill", "evaluate", "load_model", "train"]
+__all__ = ["__version__", "certify", "distill", "evaluate", "load_model", "report", "train"]

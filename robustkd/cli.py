@@ -202,6 +202,211 @@ def _certify(argv: list[str]) -> int:
     return 0
 
 
+REPORT_EXAMPLES = """examples:
+  robustkd report runs/fmnist_kd runs/fmnist_kdiga --out reports/fmnist
+  robustkd report runs/fmnist_kd --eps 0.1 --attacks clean,pgd20,cw20,autoattack --n-examples 2000
+  robustkd report runs/cifar_rslad --eps 8/255 --certify-method ibp --max-robust-drop 0.05
+  robustkd report runs/fmnist_kd --min-certified-agreement 0.5 --max-gap none --fail-unsafe   # CI gate
+"""
+
+
+def _number_arg(text: str) -> float:
+    """A float, or a fraction such as 8/255."""
+    import argparse
+
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}") from None
+
+
+def _threshold_arg(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else _number_arg(text)
+
+
+def _numbers_arg(text: str) -> tuple[float, ...]:
+    return tuple(_number_arg(v.strip()) for v in text.split(",") if v.strip())
+
+
+def _subset_arg(text: str) -> int | None:
+    import argparse
+
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of test points or 'all', got {text!r}") from None
+
+
+def _report(argv: list[str]) -> int:
+    import argparse
+
+    from robustkd.report import ReportSettings, Thresholds, make_report
+
+    s, t = ReportSettings(), Thresholds()
+    parser = argparse.ArgumentParser(
+        prog="robustkd report",
+        description=(
+            "Compare distilled students with their teachers: clean, attacked and certified accuracy, empirical "
+            "and certified faithfulness, size and latency, with a verdict per student. Writes report.html "
+            "(self-contained), report.md and report.json into --out. Evaluations run through robustkd evaluate "
+            "and certify and are cached under each run dir's report_cache/. See docs/report.md."
+        ),
+        epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by robustkd distill")
+    parser.add_argument("--out", default="report", help="folder for the report (default: report)")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for every run (default: each run's own)")
+    parser.add_argument("--checkpoint", default=s.checkpoint, choices=["best", "last"], help="which student checkpoint")
+    group = parser.add_argument_group("what is evaluated (cached per value)")
+    group.add_argument("--eps", type=_number_arg, default=s.eps, help="stated Linf radius, e.g. 0.1 or 8/255")
+    group.add_argument("--eps-sweep", type=_numbers_arg, default=None, help="radii of the plots (default eps/4,eps/2)")
+    group.add_argument(
+        "--attacks", default=",".join(s.attacks), help="robustkd evaluate recipes (robustkd list attacks)"
+    )
+    group.add_argument("--n-examples", type=_subset_arg, default=s.n_examples, help="first N test points, or 'all'")
+    group.add_argument("--seed", type=int, default=s.seed)
+    group.add_argument(
+        "--certify-method", default=s.certify_method, help="ibp | crown-ibp | best | crown | alpha-crown"
+    )
+    group.add_argument(
+        "--faith-steps", type=int, default=s.faithfulness_steps, help="steps of each faithfulness search"
+    )
+    group.add_argument("--faith-restarts", type=int, default=s.faithfulness_restarts, help="restarts of each search")
+    group.add_argument("--rho", type=_numbers_arg, default=s.rho, help="gap thresholds recorded by both evaluations")
+    group.add_argument("--batch-size", type=int, default=s.batch_size)
+    limits = parser.add_argument_group("verdict thresholds ('none' switches one off)")
+    limits.add_argument("--max-clean-drop", type=_threshold_arg, default=t.max_clean_drop, help="default %(default)s")
+    limits.add_argument("--max-robust-drop", type=_threshold_arg, default=t.max_robust_drop, help="default %(default)s")
+    limits.add_argument(
+        "--max-disagreement", type=_threshold_arg, default=t.max_disagreement, help="default %(default)s"
+    )
+    limits.add_argument(
+        "--max-gap", type=_threshold_arg, default=t.max_gap, help="on the empirical gap's q90; default %(default)s"
+    )
+    limits.add_argument(
+        "--min-certified-agreement", type=_threshold_arg, default=t.min_certified_agreement, help="default %(default)s"
+    )
+    limits.add_argument(
+        "--max-certified-gap", type=_threshold_arg, default=t.max_certified_gap, help="on its q90; default %(default)s"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--recompute", action="store_true", help="evaluate again instead of reusing cached results")
+    parser.add_argument("--fail-unsafe", action="store_true", help="exit with status 1 when a student is not safe")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    settings = ReportSettings(
+        eps=ns.eps,
+        eps_sweep=ns.eps_sweep,
+        attacks=tuple(a.strip() for a in ns.attacks.split(",") if a.strip()),
+        n_examples=ns.n_examples,
+        seed=ns.seed,
+        certify_method=ns.certify_method,
+        faithfulness_steps=ns.faith_steps,
+        faithfulness_restarts=ns.faith_restarts,
+        rho=ns.rho,
+        batch_size=ns.batch_size,
+        checkpoint=ns.checkpoint,
+    )
+    thresholds = Thresholds(
+        max_clean_drop=ns.max_clean_drop,
+        max_robust_drop=ns.max_robust_drop,
+        max_disagreement=ns.max_disagreement,
+        max_gap=ns.max_gap,
+        min_certified_agreement=ns.min_certified_agreement,
+        max_certified_gap=ns.max_certified_gap,
+    )
+    result = make_report(
+        ns.runs,
+        ns.out,
+        settings=settings,
+        thresholds=thresholds,
+        teacher=ns.teacher,
+        device=ns.device,
+        data_root=ns.data_root,
+        recompute=ns.recompute,
+        progress=not ns.no_progress,
+    )
+    for name, entry in result["summary"].items():
+        print(f"{name}: {entry['text']}")
+    print(f"report: {result['outputs']['html']} (also {result['outputs']['md']}, {result['outputs']['json']})")
+    unsafe = [name for name, entry in result["summary"].items() if not entry["safe"]]
+    return 1 if ns.fail_unsafe and unsafe else 0
+
+
+EXPORT_EXAMPLES = """examples:
+  robustkd export runs/fmnist_kd/best --onnx student.onnx
+  robustkd export runs/fmnist_kd/best --onnx student.onnx --teacher runs/fmnist_teacher_pgd_at/best
+  robustkd export runs/fmnist_kd/best --onnx student.onnx --test-subset 1000 --exporter legacy
+"""
+
+
+def _export_command(argv: list[str]) -> int:
+    import argparse
+
+    from robustkd.export import CALIBRATION_TOLERANCE, EXPORTERS, LOGIT_TOLERANCE, export_onnx
+
+    parser = argparse.ArgumentParser(
+        prog="robustkd export",
+        description=(
+            "Export a checkpoint to ONNX, run the graph with onnxruntime on the test set and check it against "
+            "the PyTorch model (same predictions, largest logit difference); with --teacher, also that the "
+            "relative-calibration metrics against the teacher are unchanged. The result goes to "
+            "<name>.export.json beside the .onnx and to export_<ckpt>.json in the run dir (shown by robustkd "
+            "report). Exit status 1 when the check fails."
+        ),
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint: runs/<name>/best, a .safetensors or a run dir")
+    parser.add_argument("--onnx", required=True, help="output file, e.g. student.onnx")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for the relative-calibration check")
+    parser.add_argument("--test-subset", type=_subset_arg, default=None, help="first N test points (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--exporter", default="auto", choices=EXPORTERS, help="torch.onnx exporter (default: auto)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18 dynamo, 17 legacy)")
+    parser.add_argument("--logit-tolerance", type=float, default=LOGIT_TOLERANCE)
+    parser.add_argument("--calibration-tolerance", type=float, default=CALIBRATION_TOLERANCE)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    result = export_onnx(
+        ns.checkpoint,
+        ns.onnx,
+        teacher=ns.teacher,
+        n_examples=ns.test_subset,
+        batch_size=ns.batch_size,
+        exporter=ns.exporter,
+        opset=ns.opset,
+        logit_tolerance=ns.logit_tolerance,
+        calibration_tolerance=ns.calibration_tolerance,
+        data_root=ns.data_root,
+        progress=not ns.no_progress,
+    )
+    scope = "a subset of the test set" if result["subset"] else "the full test set"
+    print(f"{result['onnx']}: exported with the {result['exporter']} exporter, opset {result['opset']}")
+    print(
+        f"onnxruntime vs pytorch on {result['data']['n']} test points ({scope}): same class on "
+        f"{result['agreement']:.4f}, max |logit difference| {result['max_logit_diff']:.2e} "
+        f"(tolerance {result['logit_tolerance']:g})"
+    )
+    cal = result["calibration"]
+    if cal is not None:
+        state = "unchanged" if cal["unchanged"] else f"CHANGED ({cal['worst_metric']})"
+        print(
+            f"relative calibration against the teacher: {state}, max difference {cal['max_abs_difference']:.2e} "
+            f"(tolerance {cal['tolerance']:g})"
+        )
+    print(f"check {'passed' if result['passed'] else 'FAILED'}; results: {', '.join(result['outputs'])}")
+    return 0 if result["passed"] else 1
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -278,7 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Knowledge distillation that keeps adversarial robustness and stays faithful to the teacher.",
         epilog="Run 'robustkd COMMAND --help' for a command's options and examples.",
     )
-    top.add_argument("command", choices=["quickstart", "train", "distill", "evaluate", "list"], help="what to do")
+    top.add_argument(
+        "command",
+        choices=["quickstart", "train", "distill", "evaluate", "certify", "report", "export", "list"],
+        help="what to do",
+    )
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
@@ -317,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(rest)
         if command == "certify":
             return _certify(rest)
+        if command == "report":
+            return _report(rest)
+        if command == "export":
+            return _export_command(rest)
         if command == "list":
             lister = argparse.ArgumentParser(prog="robustkd list", description="List registered names.")
             lister.add_argument("what", choices=sorted(_registries()))

@@ -9,7 +9,9 @@ from robustkd.cli import main
 from robustkd.models import create_model
 
 
-@pytest.mark.parametrize("command", ["train", "distill", "evaluate", "certify", "quickstart", "list"])
+@pytest.mark.parametrize(
+    "command", ["train", "distill", "evaluate", "certify", "quickstart", "list", "report", "export"]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

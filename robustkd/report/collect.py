@@ -1,0 +1,413 @@
+"""Find the students and teachers of run dirs, and get their evaluations, cached per settings.
+
+Every number comes from the functions behind ``robustkd evaluate`` (``evaluate_checkpoint``),
+``robustkd certify`` (``certify_checkpoints``) and the faithfulness evaluation
+(``evaluate_faithfulness_checkpoints``), which write their JSON straight into the cache: a cached file
+is exactly what those functions wrote. A cache file's name holds a hash of everything that can change
+its numbers (the weights' SHA-256, the settings, the device type, the library version), so a retrained
+checkpoint or a changed setting is evaluated afresh and nothing stale is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robustkd.errors import CheckpointError, ConfigError, RobustKDError
+from robustkd.report.settings import ReportSettings
+
+CACHE_DIR = "report_cache"
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class Model:
+    """A checkpoint in the report: a student (with its teacher) or a teacher."""
+
+    name: str
+    role: str
+    weights: Path
+    meta: dict[str, Any]
+    teacher: Model | None = None
+    sha256: str = field(default="", repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.weights.parent
+
+    @property
+    def checkpoint(self) -> Path:
+        """``runs/x/best``: the form every robustkd command takes."""
+        return self.weights.with_suffix("")
+
+
+@dataclass
+class Context:
+    """Where and how the evaluations run; of these, the device type and data root enter the cache keys."""
+
+    device: str
+    device_type: str
+    data_root: str | None
+    progress: bool
+    recompute: bool
+    log: Callable[[str], None]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model(name: str, role: str, weights: Path) -> Model:
+    from robustkd.checkpoint import read_meta
+
+    return Model(name, role, weights, read_meta(weights), sha256=_sha256(weights))
+
+
+def _student_weights(path: Path, checkpoint: str) -> Path:
+    from robustkd.checkpoint import resolve
+
+    if path.suffix in FOREIGN_SUFFIXES:
+        raise ConfigError(f"{path}: a bare state dict is no run; give a run dir holding {checkpoint}.safetensors")
+    if path.is_dir():
+        if not (path / f"{checkpoint}.safetensors").is_file():
+            raise CheckpointError(
+                f"{path} holds no {checkpoint}.safetensors: give a run dir written by robustkd distill "
+                "(or a checkpoint path such as runs/kd/best)"
+            )
+        return resolve(path / checkpoint)
+    return resolve(path)
+
+
+def _teacher_weights(student: Model, override: str | Path | None) -> Path:
+    from robustkd.checkpoint import resolve
+
+    config = student.meta.get("config") or {}
+    if override is not None:
+        named, source = str(override), "--teacher"
+    else:
+        named, source = config.get("teacher"), "its config (teacher)"
+        if not named:
+            raise ConfigError(
+                f"teacher: {student.checkpoint} was trained without a teacher (method "
+                f"{student.meta.get('method')!r}); give distilled runs, or name the teacher with --teacher PATH"
+            )
+        if config.get("teacher_arch"):
+            raise ConfigError(
+                f"teacher: {student.checkpoint} was distilled from the bare state dict {named}; the report "
+                "evaluates robustkd checkpoints only: save that teacher with robustkd.checkpoint.save_checkpoint "
+                "and pass --teacher PATH"
+            )
+    if Path(named).suffix in FOREIGN_SUFFIXES:
+        raise ConfigError(f"teacher: {named} is a bare state dict; save it as a robustkd checkpoint first")
+    try:
+        return resolve(named)
+    except CheckpointError:
+        raise ConfigError(
+            f"teacher: {student.checkpoint} names {named!r} (from {source}), which is no checkpoint seen from "
+            f"{Path.cwd()}; run the report from the folder it was distilled in, or pass --teacher PATH"
+        ) from None
+
+
+def find_models(
+    paths: list[str | Path], checkpoint: str = "best", teacher: str | Path | None = None
+) -> tuple[list[Model], list[Model]]:
+    """(teachers, students): one student per path, each linked to its teacher; shared teachers once."""
+    if not paths:
+        raise ConfigError("runs: give at least one run dir (e.g. runs/fmnist_kd)")
+    students: list[Model] = []
+    teachers: dict[Path, Model] = {}
+    for raw in paths:
+        weights = _student_weights(Path(raw), checkpoint)
+        if any(s.weights.resolve() == weights.resolve() for s in students):
+            raise ConfigError(f"runs: {raw} is listed more than once")
+        student = _model(weights.parent.name, "student", weights)
+        t_weights = _teacher_weights(student, teacher)
+        key = t_weights.resolve()
+        if key not in teachers:
+            teachers[key] = _model(t_weights.parent.name, "teacher", t_weights)
+        student.teacher = teachers[key]
+        if key == weights.resolve():
+            raise ConfigError(f"runs: {raw} is its own teacher")
+        t_data, s_data = student.teacher.meta.get("dataset"), student.meta.get("dataset")
+        if t_data and s_data and t_data != s_data:
+            raise ConfigError(
+                f"dataset: {student.checkpoint} was trained on {s_data!r} but its teacher on {t_data!r}; "
+                "a report compares both on one test split"
+            )
+        students.append(student)
+    _unique_names([*teachers.values(), *students])
+    return list(teachers.values()), students
+
+
+def _unique_names(models: list[Model]) -> None:
+    # Runs named alike in different folders (a/kd, b/kd) keep their paths, so no row is ambiguous.
+    names = [m.name for m in models]
+    for m in models:
+        if names.count(m.name) > 1:
+            m.name = str(m.checkpoint)
+
+
+# ------------------------------------------------------------------------------------- cached evaluations
+def protocol_name(eps: float) -> str:
+    """A ``robustkd evaluate --protocol`` name for a Linf radius: a preset when one has exactly this eps."""
+    from robustkd.attacks import PRESETS
+
+    for name in PRESETS.names():
+        threat = PRESETS.get(name)
+        if threat.norm == "linf" and threat.eps == eps:
+            return name
+    # Positional and shortest round-trip: parses back to exactly this float.
+    return "linf-" + np.format_float_positional(eps, trim="-")
+
+
+def _cached(
+    kind: str, model: Model, key: dict[str, Any], compute: Callable[[Path], Any], ctx: Context, what: str
+) -> tuple[dict[str, Any], Path]:
+    from robustkd import __version__
+
+    full = {"kind": kind, "robustkd_version": __version__, "device_type": ctx.device_type, **key}
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = model.run_dir / CACHE_DIR / f"{kind}_{model.weights.stem}_{digest}.json"
+    if not ctx.recompute and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            ctx.log(f"{what}: cached {path}")
+            return data, path
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ctx.log(f"{what}: {path} is unreadable, evaluating again")
+    ctx.log(f"{what}: evaluating")
+    start = time.perf_counter()
+    try:
+        compute(path)
+    except OSError as err:
+        raise RobustKDError(f"cannot write the cached result {path}: {err}; make {model.run_dir} writable") from err
+    ctx.log(f"{what}: {time.perf_counter() - start:.1f} s -> {path}")
+    # Read back what the function wrote, so fresh and cached runs give the report the same numbers.
+    return json.loads(path.read_text()), path
+
+
+def robustness(model: Model, eps: float, settings: ReportSettings, ctx: Context) -> tuple[dict[str, Any], Path]:
+    """``robustkd evaluate`` of one checkpoint at one radius (all the settings' attacks)."""
+    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
+
+    protocol = protocol_name(eps)
+    key = {
+        "weights": model.sha256,
+        "protocol": protocol,
+        "attacks": list(settings.attacks),
+        "n_examples": settings.n_examples,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "data_root": ctx.data_root,
+    }
+
+    def compute(out: Path) -> None:
+        evaluate_checkpoint(
+            model.checkpoint,
+            protocol=protocol,
+            attacks=list(settings.attacks),
+            n_examples=settings.n_examples,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            device=ctx.device,
+            data_root=ctx.data_root,
+            out=out,
+            progress=ctx.progress,
+        )
+
+    return _cached("robustness", model, key, compute, ctx, f"{model.name}: evaluate {protocol}")
+
+
+def faithfulness(student: Model, settings: ReportSettings, ctx: Context) -> tuple[dict[str, Any], Path]:
+    """Empirical disagreement and confidence gaps against the teacher over the whole eps sweep, in one call."""
+    from robustkd.evaluate.faithfulness import evaluate_faithfulness_checkpoints
+
+    assert student.teacher is not None
+    key = {
+        "weights": student.sha256,
+        "teacher_weights": student.teacher.sha256,
+        "eps": list(settings.eps_sweep),
+        "steps": settings.faithfulness_steps,
+        "restarts": settings.faithfulness_restarts,
+        "rho": list(settings.rho),
+        "n_examples": settings.n_examples,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "data_root": ctx.data_root,
+    }
+
+    def compute(out: Path) -> None:
+        evaluate_faithfulness_checkpoints(
+            student.teacher.checkpoint,
+            student.checkpoint,
+            eps=list(settings.eps_sweep),
+            n_examples=settings.n_examples,
+            steps=settings.faithfulness_steps,
+            restarts=settings.faithfulness_restarts,
+            rho=settings.rho,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            device=ctx.device,
+            data_root=ctx.data_root,
+            out=out,
+            progress=ctx.progress,
+        )
+
+    return _cached("faithfulness", student, key, compute, ctx, f"{student.name}: faithfulness")
+
+
+def certification(
+    student: Model, eps: float, settings: ReportSettings, ctx: Context
+) -> tuple[dict[str, Any] | None, Path | None, str | None]:
+    """``robustkd certify`` of the pair at one radius; (None, None, why) when the verifier cannot bound it."""
+    from robustkd.certify import UnsupportedModelError
+    from robustkd.certify.checkpoints import certify_checkpoints
+
+    assert student.teacher is not None
+    key = {
+        "weights": student.sha256,
+        "teacher_weights": student.teacher.sha256,
+        "eps": eps,
+        "method": settings.certify_method,
+        "rho": list(settings.rho),
+        "n_examples": settings.n_examples,
+        "batch_size": settings.batch_size,
+        "data_root": ctx.data_root,
+    }
+
+    def compute(out: Path) -> None:
+        certify_checkpoints(
+            student.checkpoint,
+            student.teacher.checkpoint,
+            eps=eps,
+            method=settings.certify_method,
+            n_examples=settings.n_examples,
+            batch_size=settings.batch_size,
+            rho=settings.rho,
+            device=ctx.device,
+            data_root=ctx.data_root,
+            out=out,
+            progress=ctx.progress,
+        )
+
+    what = f"{student.name}: certify {settings.certify_method} at eps {eps:g}"
+    try:
+        data, path = _cached("certify", student, key, compute, ctx, what)
+    except UnsupportedModelError as err:
+        ctx.log(f"{what}: not certifiable ({err})")
+        return None, None, str(err)
+    return data, path, None
+
+
+# ------------------------------------------------------------------------------------- commands
+def robustness_command(model: Model, eps: float, settings: ReportSettings, out: Path, ctx: Context) -> str:
+    """The ``robustkd evaluate`` line that writes exactly this cached result."""
+    args = [
+        "robustkd", "evaluate", "--model", str(model.checkpoint), "--protocol", protocol_name(eps),
+        "--attacks", ",".join(settings.attacks), "--batch-size", str(settings.batch_size),
+        "--seed", str(settings.seed), "--device", ctx.device_type,
+    ]  # fmt: skip
+    args += [*_common_args(settings, ctx), "--out", str(out)]
+    return shlex.join(args)
+
+
+def certify_command(student: Model, eps: float, settings: ReportSettings, out: Path, ctx: Context) -> str:
+    assert student.teacher is not None
+    args = [
+        "robustkd", "certify", "--student", str(student.checkpoint), "--teacher", str(student.teacher.checkpoint),
+        "--eps", np.format_float_positional(eps, trim="-"), "--method", settings.certify_method,
+        "--rho", ",".join(f"{r:g}" for r in settings.rho), "--batch-size", str(settings.batch_size),
+        "--device", ctx.device_type,
+    ]  # fmt: skip
+    args += [*_common_args(settings, ctx), "--out", str(out)]
+    return shlex.join(args)
+
+
+def faithfulness_call(student: Model, settings: ReportSettings, out: Path, ctx: Context) -> str:
+    assert student.teacher is not None
+    return (
+        "robustkd.evaluate.evaluate_faithfulness_checkpoints("
+        f"{str(student.teacher.checkpoint)!r}, {str(student.checkpoint)!r}, eps={list(settings.eps_sweep)}, "
+        f"n_examples={settings.n_examples}, steps={settings.faithfulness_steps}, "
+        f"restarts={settings.faithfulness_restarts}, rho={list(settings.rho)}, batch_size={settings.batch_size}, "
+        f"seed={settings.seed}, device={ctx.device_type!r}, data_root={ctx.data_root!r}, out={str(out)!r})"
+    )
+
+
+def _common_args(settings: ReportSettings, ctx: Context) -> list[str]:
+    args = [] if settings.n_examples is None else ["--n-examples", str(settings.n_examples)]
+    return args + ([] if ctx.data_root is None else ["--data-root", ctx.data_root])
+
+
+# ------------------------------------------------------------------------------------- size and speed
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def latency_ms(
+    model: nn.Module, input_shape: list[int], batch_size: int, device: torch.device, repeats: int = 10
+) -> float:
+    """Median wall time of one eval-mode forward of a batch, in milliseconds, after two warm-up passes."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, *input_shape, generator=generator).to(device)
+    times = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(repeats + 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return 1000 * statistics.median(times)
+
+
+def training_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (one per epoch); empty when the run has none or it is unreadable."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run: keep the epochs that were written
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return rows
+
+
+def export_record(model: Model) -> dict[str, Any] | None:
+    """What ``robustkd export`` wrote into the run dir for this checkpoint, if it ran."""
+    path = model.run_dir / f"export_{model.weights.stem}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    # An export of older weights says nothing about these.
+    return record if record.get("weights_sha256") == model.sha256 else None

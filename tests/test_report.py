@@ -1,0 +1,429 @@
+"""robustkd report: numbers equal separate evaluation calls, caching, verdicts, a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustkd
+from robustkd.checkpoint import load_model, save_checkpoint
+from robustkd.cli import main
+from robustkd.errors import CheckpointError, ConfigError
+from robustkd.models import create_model
+from robustkd.report import ReportSettings, Thresholds, verdict
+
+META = {
+    "arch": "small_cnn",
+    "arch_args": {"width": 2, "hidden": 8},
+    "num_classes": 10,
+    "input_shape": [1, 28, 28],
+    "mean": [0.286],
+    "std": [0.353],
+    "dataset": "fashion-mnist",
+}
+# Light settings: the first 24 test points, short attacks and searches, IBP.
+OPTIONS = {
+    "eps": 0.1,
+    "eps_sweep": (0.05,),
+    "attacks": ("clean", "pgd3", "cw3"),
+    "n_examples": 24,
+    "faithfulness_steps": 2,
+    "faithfulness_restarts": 1,
+    "certify_method": "ibp",
+    "batch_size": 16,
+}
+
+
+def _tiny() -> torch.nn.Module:
+    return create_model("small_cnn", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353],
+                        width=2, hidden=8)  # fmt: skip
+
+
+def make_runs(root: Path, students: tuple[str, ...] = ("kd", "ard")) -> dict[str, Path]:
+    """A teacher fitted for a few steps on 1000 training images, and students that are noisy copies of it.
+
+    Each student's checkpoint names the teacher in its config, as ``robustkd distill`` writes it, and its
+    run dir holds a metrics.jsonl.
+    """
+    from robustkd.data import load_dataset
+
+    torch.manual_seed(0)
+    data = load_dataset("fashion-mnist")
+    x, y = data.train.images[:1000].float() / 255, data.train.labels[:1000]
+    teacher = _tiny()
+    opt = torch.optim.Adam(teacher.parameters(), lr=0.02)
+    for step in range(60):
+        idx = torch.arange(step * 100, step * 100 + 100) % 1000
+        loss = torch.nn.functional.cross_entropy(teacher(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    save_checkpoint(root / "teacher" / "best", teacher, {**META, "method": "standard", "config": {"teacher": None}})
+    paths = {"teacher": root / "teacher"}
+    for i, name in enumerate(students):
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.05 * (i + 1))
+        config = {"teacher": str(root / "teacher" / "best"), "teacher_arch": None}
+        save_checkpoint(root / name / "best", student, {**META, "method": name, "config": config})
+        rows = [{"epoch": e, "train/loss": 2.0 / e, "val/acc": 0.5 + 0.1 * e} for e in (1, 2, 3)]
+        (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    result = robustkd.report([runs["kd"], runs["ard"]], out, device="cpu", progress=False, **OPTIONS)
+    return result, out
+
+
+def _rows(result):
+    return {row["name"]: row for row in result["models"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The numbers are those of the evaluation functions
+
+
+def test_robustness_equals_robustkd_evaluate(report, runs, tmp_path):
+    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
+
+    result, _ = report
+    rows = _rows(result)
+    assert set(rows) == {"teacher", "kd", "ard"}
+    for name in ("teacher", "kd", "ard"):
+        for eps, protocol in ((0.05, "linf-0.05"), (0.1, "linf-0.1")):
+            direct = evaluate_checkpoint(
+                runs[name] / "best",
+                protocol=protocol,
+                attacks=["clean", "pgd3", "cw3"],
+                n_examples=24,
+                batch_size=16,
+                seed=0,
+                device="cpu",
+                out=tmp_path / f"{name}_{eps}.json",
+                progress=False,
+            )
+            point = next(p for p in rows[name]["robust_vs_eps"] if p["eps"] == eps)
+            assert point["protocol"] == protocol
+            assert point["accuracy"] == {k: v["accuracy"] for k, v in direct["attacks"].items()}
+            assert point["robust"] == direct["worst_case"]["accuracy"]
+            if eps == 0.1:
+                assert rows[name]["clean"] == direct["attacks"]["clean"]["accuracy"]
+                assert rows[name]["robust"] == direct["worst_case"]["accuracy"]
+    # The teacher was fitted, so the numbers are not all trivially zero.
+    assert rows["teacher"]["clean"] > 0.3
+    assert rows["teacher"]["n"] == 24 and rows["teacher"]["subset"] is True
+
+
+def test_faithfulness_and_certificates_equal_their_functions(report, runs, tmp_path):
+    from robustkd.certify.checkpoints import certify_checkpoints
+    from robustkd.evaluate import evaluate_faithfulness_checkpoints
+
+    result, _ = report
+    rows = _rows(result)
+    for name in ("kd", "ard"):
+        faith = evaluate_faithfulness_checkpoints(
+            runs["teacher"] / "best",
+            runs[name] / "best",
+            eps=[0.05, 0.1],
+            n_examples=24,
+            steps=2,
+            restarts=1,
+            batch_size=16,
+            seed=0,
+            device="cpu",
+            out=tmp_path / f"faith_{name}.json",
+            progress=False,
+        )
+        block = faith["results"][1]["teacher_correct"]
+        assert faith["results"][1]["eps"] == 0.1
+        assert rows[name]["disagreement"] == block["disagreement"]["rate"]
+        assert rows[name]["gap"] == {k: block["gap_under"][k] for k in ("mean", "q50", "q90", "q99", "max")}
+        assert rows[name]["n_teacher_correct"] == block["n"] > 0
+        cert = certify_checkpoints(
+            runs[name] / "best",
+            runs["teacher"] / "best",
+            eps=0.1,
+            method="ibp",
+            n_examples=24,
+            batch_size=16,
+            device="cpu",
+            out=tmp_path / f"cert_{name}.json",
+            progress=False,
+        )
+        p = cert["teacher_correct"]
+        assert rows[name]["certified_agreement"] == p["agreement_certified"]
+        assert rows[name]["certified_gap"] == {k: p["gap_upper"][k] for k in ("mean", "median", "q90", "max")}
+        # A certified bound on the gap can never lie below the gap an attack found.
+        assert rows[name]["certified_gap"]["max"] >= rows[name]["gap"]["max"] - 1e-6
+    # The noisier student strays further from the teacher.
+    assert rows["ard"]["gap"]["q90"] > rows["kd"]["gap"]["q90"]
+
+
+def test_size_speed_and_training_curves(report, runs):
+    result, out = report
+    rows = _rows(result)
+    params = sum(p.numel() for p in load_model(runs["kd"] / "best").parameters())
+    assert rows["kd"]["params"] == params == rows["teacher"]["params"]
+    assert all(row["latency_ms"] > 0 and row["latency_device"] == "cpu" for row in rows.values())
+    assert (out / "plots" / "training_curves.png").is_file()
+
+
+def test_results_are_cached_and_keyed_by_settings(report, runs, tmp_path, monkeypatch):
+    from robustkd.certify import checkpoints
+    from robustkd.evaluate import checkpoint_eval, faithfulness
+
+    result, _ = report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated again although the cache holds this result")
+
+    with monkeypatch.context() as m:
+        for module, name in (
+            (checkpoint_eval, "evaluate_checkpoint"),
+            (faithfulness, "evaluate_faithfulness_checkpoints"),
+            (checkpoints, "certify_checkpoints"),
+        ):
+            m.setattr(module, name, refuse)
+        again = robustkd.report([runs["kd"], runs["ard"]], tmp_path / "again", device="cpu", progress=False, **OPTIONS)
+    for old, new in zip(result["models"], again["models"]):
+        for key in ("clean", "robust", "robust_vs_eps", "disagreement", "gap", "certified_agreement"):
+            assert old.get(key) == new.get(key)
+    cache = runs["kd"] / "report_cache"
+    before = set(cache.iterdir())
+    # Another seed is another evaluation: robustness and faithfulness are evaluated afresh, certificates reused.
+    robustkd.report(runs["kd"], tmp_path / "seed1", device="cpu", progress=False, **{**OPTIONS, "seed": 1})
+    added = {p.name.split("_")[0] for p in set(cache.iterdir()) - before}
+    assert added == {"robustness", "faithfulness"}
+
+
+@pytest.mark.filterwarnings("ignore::robustkd.attacks.ZeroGradientWarning")  # the zeroed model has no gradient
+def test_retrained_weights_are_not_served_from_the_cache(runs, tmp_path):
+    run = tmp_path / "kd"
+    shutil.copytree(runs["kd"], run, ignore=shutil.ignore_patterns("report_cache"))
+    options = {**OPTIONS, "eps_sweep": (0.1,), "attacks": ("clean",)}
+    first = robustkd.report(run, tmp_path / "r1", device="cpu", progress=False, **options)
+    model = load_model(run / "best")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # a constant classifier now: clean accuracy changes
+    meta = json.loads((run / "best.json").read_text())
+    save_checkpoint(run / "best", model, {k: v for k, v in meta.items() if k != "weights_sha256"})
+    second = robustkd.report(run, tmp_path / "r2", device="cpu", progress=False, **options)
+    labels = _test_labels(24)
+    assert _rows(second)["kd"]["clean"] == labels.count(0) / 24  # all-zero logits predict class 0
+    assert _rows(first)["kd"]["clean"] != _rows(second)["kd"]["clean"]
+    assert len(list((run / "report_cache").glob("robustness_*.json"))) == 2
+
+
+def _test_labels(n):
+    from robustkd.data import load_dataset
+
+    return load_dataset("fashion-mnist").test.labels[:n].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+TEACHER = {"clean": 0.90, "robust": 0.70}
+GOOD = {
+    "clean": 0.89,
+    "robust": 0.68,
+    "disagreement": 0.05,
+    "gap": {"q90": 0.08},
+    "certified_agreement": 0.6,
+    "certified_gap": {"q90": 0.3},
+}
+
+
+def test_verdict_passes_when_every_set_check_holds():
+    result = verdict(GOOD, TEACHER, Thresholds(min_certified_agreement=0.5, max_certified_gap=0.4), eps=0.1)
+    assert result["safe"] is True and result["failed"] == []
+    assert result["text"] == "safe to deploy in the teacher's place at Linf eps 0.1"
+    assert [c["check"] for c in result["checks"]] == [
+        "max_clean_drop",
+        "max_robust_drop",
+        "max_disagreement",
+        "max_gap",
+        "min_certified_agreement",
+        "max_certified_gap",
+    ]
+    drop = next(c for c in result["checks"] if c["check"] == "max_robust_drop")
+    assert drop["value"] == pytest.approx(0.02) and drop["passed"]
+
+
+@pytest.mark.parametrize(
+    ("change", "thresholds", "message"),
+    [
+        ({"clean": 0.85}, {}, "clean accuracy drop 0.0500 > 0.02"),
+        ({"robust": 0.60}, {}, "robust accuracy drop 0.1000 > 0.03"),
+        ({"disagreement": 0.2}, {}, "empirical disagreement 0.2000 > 0.1"),
+        ({"gap": {"q90": 0.3}}, {}, "empirical gap q90 0.3000 > 0.1"),
+        ({}, {"min_certified_agreement": 0.7}, "certified agreement 0.6000 < 0.7"),
+        ({}, {"max_certified_gap": 0.25}, "certified gap bound q90 0.3000 > 0.25"),
+        ({"certified_agreement": None}, {"min_certified_agreement": 0.1}, "certified agreement not measured"),
+    ],
+)
+def test_verdict_names_the_failing_metric_and_threshold(change, thresholds, message):
+    result = verdict({**GOOD, **change}, TEACHER, Thresholds(**thresholds), eps=0.05)
+    assert result["safe"] is False
+    assert len(result["failed"]) == 1 and result["failed"][0].startswith(message)
+    assert result["text"].startswith("not safe at Linf eps 0.05: ")
+    assert message in result["text"]
+
+
+def test_verdict_boundaries_and_switched_off_checks():
+    at_limit = {**GOOD, "clean": 0.88, "disagreement": 0.1}  # a drop of exactly 0.02, a rate of exactly 0.1
+    assert verdict(at_limit, TEACHER, Thresholds(), eps=0.1)["safe"] is True
+    bad = {**GOOD, "disagreement": 0.9, "gap": {"q90": None}}
+    off = Thresholds(max_disagreement=None, max_gap=None)
+    result = verdict(bad, TEACHER, off, eps=0.1)
+    assert result["safe"] is True and {c["check"] for c in result["checks"]} == {"max_clean_drop", "max_robust_drop"}
+    nothing = Thresholds(**dict.fromkeys(Thresholds().to_dict()))
+    assert verdict(bad, TEACHER, nothing, eps=0.1)["text"].endswith("(no check was set)")
+
+
+def test_report_verdicts_follow_the_thresholds(report):
+    result, _ = report
+    rows = _rows(result)
+    for name in ("kd", "ard"):
+        again = verdict(rows[name], rows["teacher"], Thresholds(), eps=0.1)
+        assert rows[name]["verdict"] == again
+        assert result["summary"][name] == {"safe": again["safe"], "text": again["text"]}
+    # The same rows under other thresholds: nothing required is safe; a zero gap budget fails the noisy student.
+    nothing = Thresholds(**dict.fromkeys(Thresholds().to_dict()))
+    assert verdict(rows["ard"], rows["teacher"], nothing, eps=0.1)["safe"] is True
+    gap_only = Thresholds(max_clean_drop=None, max_robust_drop=None, max_disagreement=None, max_gap=0.0)
+    assert rows["ard"]["gap"]["q90"] > 0
+    failed = verdict(rows["ard"], rows["teacher"], gap_only, eps=0.1)["failed"]
+    assert failed == [f"empirical gap q90 {rows['ard']['gap']['q90']:.4f} > 0"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_is_self_contained(report):
+    _, out = report
+    page = (out / "report.html").read_text()
+    # No address of any kind (base64 has no ':', so this also holds inside the images).
+    assert "://" not in page and "url(" not in page and "@import" not in page
+    parser = _Tags()
+    parser.feed(page)
+    tags = [tag for tag, _ in parser.tags]
+    assert "script" not in tags and "link" not in tags and "iframe" not in tags
+    images = [attrs for tag, attrs in parser.tags if tag == "img"]
+    assert len(images) == 4  # robust accuracy, gap histograms, agreement, training curves
+    for attrs in images:
+        prefix = "data:image/png;base64,"
+        assert attrs["src"].startswith(prefix)
+        assert base64.b64decode(attrs["src"][len(prefix) :]).startswith(b"\x89PNG\r\n\x1a\n")
+    models = [attrs["data-model"] for tag, attrs in parser.tags if tag == "tr" and "data-model" in attrs]
+    assert models == ["teacher", "kd", "ard"]
+
+
+def test_markdown_and_json(report):
+    result, out = report
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["summary"] == result["summary"]
+    assert saved["settings"]["eps_sweep"] == [0.05, 0.1] and saved["settings"]["protocol"] == "linf-0.1"
+    md = (out / "report.md").read_text()
+    for name in ("teacher", "kd", "ard"):
+        assert f"| {name} |" in md
+    for name in ("robust_accuracy", "gap_histograms", "agreement", "training_curves"):
+        assert f"(plots/{name}.png)" in md and (out / "plots" / f"{name}.png").is_file()
+    # Every robustness number names the robustkd evaluate line that writes the same file.
+    row = _rows(saved)["kd"]
+    line = row["commands"]["robustness@0.1"]
+    assert line.startswith("robustkd evaluate --model ") and "--protocol linf-0.1" in line
+    assert "--attacks clean,pgd3,cw3" in line and "--n-examples 24" in line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors and the command line
+
+
+def test_bad_inputs_name_the_fix(runs, tmp_path):
+    with pytest.raises(ConfigError, match="^max_gapp: not a report option; did you mean max_gap"):
+        robustkd.report(runs["kd"], tmp_path, max_gapp=0.1)
+    with pytest.raises(ConfigError, match="^eps: must be > 0"):
+        robustkd.report(runs["kd"], tmp_path, eps=0)
+    with pytest.raises(ConfigError, match="^attacks: attack 'pgd' needs a step count"):
+        ReportSettings(attacks=("clean", "pgd"))
+    with pytest.raises(ConfigError, match="^attacks: an attack is listed more than once"):
+        ReportSettings(attacks=("clean", "pgd3", "pgd3"))
+    with pytest.raises(ConfigError, match="^eps_sweep: images live in"):
+        ReportSettings(eps_sweep=(0.5, 2.0))
+    assert ReportSettings(eps=0.2).eps_sweep == (0.05, 0.1, 0.2)
+    with pytest.raises(ConfigError, match="^max_disagreement: a rate lies in"):
+        Thresholds(max_disagreement=2)
+    with pytest.raises(ConfigError, match="trained without a teacher"):
+        robustkd.report(runs["teacher"], tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="holds no best.safetensors"):
+        robustkd.report(tmp_path, tmp_path / "out", progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="^out: .* is a file"):
+        robustkd.report(runs["kd"], tmp_path / "file", progress=False)
+    # A teacher path that does not resolve from here: the message says how to name it.
+    moved = tmp_path / "moved"
+    model = load_model(runs["kd"] / "best")
+    save_checkpoint(moved / "best", model, {**META, "method": "kd", "config": {"teacher": "runs/gone/best"}})
+    with pytest.raises(ConfigError, match="pass --teacher PATH"):
+        robustkd.report(moved, tmp_path / "out", progress=False)
+
+
+def test_cli_report(report, runs, tmp_path, capsys):
+    argv = ["report", str(runs["kd"]), "--out", str(tmp_path / "cli"), "--eps", "0.1", "--eps-sweep", "0.05"]
+    argv += ["--attacks", "clean,pgd3,cw3", "--n-examples", "24", "--faith-steps", "2", "--faith-restarts", "1"]
+    argv += ["--certify-method", "ibp", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "kd: " in out and "report.html" in out
+    saved = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert _rows(saved)["kd"]["clean"] == _rows(report[0])["kd"]["clean"]
+    # A gate that no student can pass makes the command fail with --fail-unsafe.
+    assert main([*argv, "--max-clean-drop", "-1", "--fail-unsafe"]) == 2
+    assert "max_clean_drop: must be >= 0" in capsys.readouterr().err
+    # The noisy student is under-confident somewhere, so a zero gap budget fails it, and the gate says so.
+    assert _rows(saved)["kd"]["gap"]["q90"] > 0
+    gate = ["--max-clean-drop", "none", "--max-robust-drop", "off", "--max-disagreement", "none", "--max-gap", "0"]
+    assert main([*argv, *gate, "--fail-unsafe"]) == 1
+    gap = _rows(saved)["kd"]["gap"]["q90"]
+    assert f"kd: not safe at Linf eps 0.1: empirical gap q90 {gap:.4f} > 0\n" in capsys.readouterr().out
+    thresholds = json.loads((tmp_path / "cli" / "report.json").read_text())["thresholds"]
+    assert thresholds == {**dict.fromkeys(thresholds), "max_gap": 0.0}
+
+
+def test_report_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: robustkd report" in out and "examples:" in out and "--max-disagreement" in out
