@@ -1,0 +1,146 @@
+"""Certified bounds: native IBP against auto_LiRPA's IBP, and native CROWN-IBP against native IBP.
+
+Margin bounds (spec C = e_j − e_y for j ≠ y) of the same network over the same box Ball_inf(x, eps) ∩ [0, 1],
+under no_grad (certification) and with a backward pass (training). auto_LiRPA runs on a ``BoundedModule``
+built once beforehand (its tracing cost, paid again whenever the weights change, is reported on its own as
+``lirpa_build_ms`` and folded into ``speedup_first_call``). Ratios: auto_LiRPA time / native time (target
+>= 5); CROWN-IBP time / IBP time (a cost, no target). The bounds of the two IBP implementations must agree
+up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.common import interleaved, load_images, make_model, median, ms, round_ratios, setting
+from robustkd.certify import input_box, interval_bounds, margin_spec
+
+TARGET = 5.0
+EPS = 0.1
+NETWORKS = ("dm_small", "dm_medium", "small_cnn")
+CROWN_NETWORKS = ("dm_small", "dm_medium")  # small_cnn's max-pooled 28x28 maps make CROWN-IBP very slow here
+
+
+def _lirpa_module(model: nn.Module, x: torch.Tensor) -> tuple[Any, float]:
+    from robustkd.certify.lirpa import _BOUND_OPTS, _import_lirpa
+
+    lirpa = _import_lirpa()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript tracing deprecation noise
+        bounded = lirpa.BoundedModule(model, x, bound_opts=_BOUND_OPTS, device=x.device)
+    return bounded, time.perf_counter() - start
+
+
+def compare(arch: str, x: torch.Tensor, y: torch.Tensor, repeats: int, crown: bool) -> dict[str, Any]:
+    from robustkd.certify.lirpa import _import_lirpa
+
+    lirpa = _import_lirpa()
+    model = make_model(arch, seed=0).eval()
+    C = margin_spec(y, 10, dtype=x.dtype)
+    bounded, build_s = _lirpa_module(model, x)
+    x_lower, x_upper = input_box(x, EPS)
+    ball = lirpa.BoundedTensor(x, lirpa.PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=x_lower, x_U=x_upper))
+
+    def lirpa_ibp() -> tuple[torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bounded.compute_bounds(x=(ball,), C=C, method="IBP")
+
+    def native(method: str = "ibp") -> tuple[torch.Tensor, torch.Tensor]:
+        return interval_bounds(model, x, EPS, method=method, C=C)
+
+    def no_grad(fn):
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    def with_backward(fn):
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            bounded.zero_grad(set_to_none=True)
+            lower, upper = fn()
+            (upper.sum() - lower.sum()).backward()
+
+        return run
+
+    with torch.no_grad():
+        ours, theirs = native(), lirpa_ibp()
+    diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs))
+    scale = max(float(t.abs().max()) for t in ours)
+    fns = {
+        "native_ibp": no_grad(native),
+        "lirpa_ibp": no_grad(lirpa_ibp),
+        "native_ibp_backward": with_backward(native),
+        "lirpa_ibp_backward": with_backward(lirpa_ibp),
+    }
+    if crown:
+        fns["native_crown_ibp"] = no_grad(lambda: native("crown-ibp"))
+    samples = interleaved(fns, repeats, warmup=1)
+    out: dict[str, Any] = {
+        "network": arch,
+        "bound_max_abs_diff": diff,
+        "bound_max_abs": round(scale, 3),
+        "time_ms": {name: ms(median(values)) for name, values in samples.items()},
+        "lirpa_build_ms": ms(build_s),
+        "speedup": round(median(round_ratios(samples["lirpa_ibp"], samples["native_ibp"])), 3),
+        "speedup_backward": round(
+            median(round_ratios(samples["lirpa_ibp_backward"], samples["native_ibp_backward"])), 3
+        ),
+        # A first call on new weights pays the BoundedModule build as well (robustkd's backend caches it).
+        "speedup_first_call": round((build_s + median(samples["lirpa_ibp"])) / median(samples["native_ibp"]), 3),
+    }
+    if crown:
+        out["crown_ibp_over_ibp"] = round(median(round_ratios(samples["native_crown_ibp"], samples["native_ibp"])), 3)
+    return out
+
+
+def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> dict[str, Any]:
+    repeats = repeats or (1 if quick else 5)
+    batch = 8 if quick else 128
+    networks = NETWORKS[:1] if quick else NETWORKS
+    x, y, source = load_images(batch, seed=1, split="test")
+    results: dict[str, Any] = {
+        "benchmark": "bounds",
+        "what": "auto_LiRPA IBP time / native IBP time (target >= 5, bounds equal); native CROWN-IBP time / IBP time",
+        "setting": setting(
+            threads, repeats, model=list(networks), batch=batch, eps=EPS, input=[1, 28, 28], data=source, quick=quick
+        ),
+        "ratios": [],
+    }
+    from robustkd.certify.lirpa import lirpa_available
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices raised while auto_LiRPA imports
+        usable = lirpa_available()
+    if not usable:
+        results["skipped"] = "auto_LiRPA 0.3 is not usable here (pip install --no-deps auto_LiRPA==0.3)"
+        return results
+    rows = [compare(arch, x, y, repeats, crown=arch in CROWN_NETWORKS) for arch in networks]
+    results["rows"] = rows
+    for row in rows:
+        results["ratios"].append(
+            {
+                "name": f"bounds/ibp_speedup_vs_auto_lirpa/{row['network']}",
+                "ratio": row["speedup"],
+                "target": f">= {TARGET}",
+                "meets": row["speedup"] >= TARGET,
+            }
+        )
+        if "crown_ibp_over_ibp" in row:
+            results["ratios"].append(
+                {
+                    "name": f"bounds/crown_ibp_cost_over_ibp/{row['network']}",
+                    "ratio": row["crown_ibp_over_ibp"],
+                    "target": None,
+                    "meets": None,
+                }
+            )
+    return results

@@ -1,0 +1,155 @@
+"""What every benchmark shares: the setting record, data and models, and interleaved timing."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkd.models import create_model
+
+INPUT = (1, 28, 28)  # Fashion-MNIST
+CLASSES = 10
+# Each timed sample runs a function often enough to last this long, so timer resolution and one-off
+# scheduler hiccups weigh little against it.
+MIN_SAMPLE_S = 0.05
+
+
+def setting(threads: int, repeats: int, **extra: Any) -> dict[str, Any]:
+    """The conditions a figure was measured under; printed with every benchmark's JSON.
+
+    The 1-minute load average at the start says how busy a shared machine was (other people's jobs).
+    """
+    return {
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "repeats": repeats,
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        **extra,
+    }
+
+
+def load_images(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``n`` Fashion-MNIST images in [0, 1] (N, 1, 28, 28) with labels, and where they came from.
+
+    Falls back to uniform noise with random labels when the dataset is not installed, so timings (which do
+    not depend on pixel values) still run; accuracies are then meaningless and the source says so.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        from robustkd.data import load_dataset
+
+        data = getattr(load_dataset("fashion-mnist"), split)
+    except Exception:  # any failure to find or read the files: the fallback below is announced in `source`
+        x = torch.rand((n, *INPUT), generator=generator)
+        return x, torch.randint(0, CLASSES, (n,), generator=generator), "random (Fashion-MNIST not installed)"
+    index = torch.randperm(len(data), generator=generator)[:n]
+    return data.images[index].float().div(255), data.labels[index], f"fashion-mnist {split}"
+
+
+def make_model(arch: str, seed: int = 0) -> nn.Module:
+    """A registered architecture for 28x28 greyscale inputs, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return create_model(arch, num_classes=CLASSES, in_channels=INPUT[0], input_size=INPUT[1])
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A teacher as the engine holds it: eval mode, no parameter gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def calibrate(fn: Callable[[], Any], warmup: int = 2) -> int:
+    """Calls per sample so that one sample lasts about MIN_SAMPLE_S (after ``warmup`` untimed calls)."""
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-6)))
+
+
+def sample(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call, averaged over ``calls`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round, the functions taking turns in every round.
+
+    Load from other processes then hits all functions of a round alike, so ratios taken within a round
+    (see :func:`round_ratios`) are steadier than ratios of separately measured medians.
+    """
+    calls = {name: calibrate(fn, warmup) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(sample(fn, calls[name]))
+    return samples
+
+
+def round_ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Per-round ratios of two interleaved series."""
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median and spread (min, max) of a series of seconds, in milliseconds."""
+    return {"median_ms": ms(median(samples)), "min_ms": ms(min(samples)), "max_ms": ms(max(samples))}
+
+
+def robust_model(quick: bool = False, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """dm_small adversarially trained on Fashion-MNIST for a few seconds, so attacks face a model with
+    robust and non-robust points alike (against an untrained one every attack wins at once).
+
+    PGD-AT (robustkd's ``pgd_at``, eps 0.1, 5 steps of 0.025) on 10 000 training images for 2 epochs, plain
+    momentum SGD; returned in eval mode with a description of how it was made.
+    """
+    from robustkd.methods import Batch, StepInfo, build_method
+
+    n, epochs, steps = (256, 1, 1) if quick else (10_000, 2, 5)
+    x, y, source = load_images(n, seed=seed)
+    model = make_model("dm_small", seed=seed).train()
+    method = build_method("pgd_at", {"eps": 0.1, "step_size": 0.025, "steps": steps})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    info = StepInfo(epoch=0, step=0, epochs=epochs, steps_per_epoch=1)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, 128):
+            index = order[start : start + 128]
+            loss = method(model, None, Batch(x[index], y[index]), info).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    training = f"pgd_at eps 0.1, {steps} steps of 0.025, {epochs} epochs on {n} images, SGD lr 0.05"
+    about = {"arch": "dm_small", "training": training, "data": source}
+    return model, about
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())

@@ -1,0 +1,61 @@
+"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--out FILE] [--threads N]``.
+
+Each benchmark prints its JSON as it finishes; the last object printed lists every ratio of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import attacks, bounds, methods, reference
+
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "methods": methods.run,
+    "attacks": attacks.run,
+    "bounds": bounds.run,
+    "reference": reference.run,
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks that everything runs")
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this part (repeatable)")
+    parser.add_argument("--out", type=Path, help="also write the JSON of the whole run to this file")
+    parser.add_argument("--repeats", type=int, help="timed rounds per figure (default: each benchmark's own)")
+    # One thread by default: on a small shared machine two threads per op stall whenever another process
+    # holds a core, and the two sides of a ratio would see different stalls.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results = []
+    for name in args.only or list(BENCHMARKS):
+        begun = time.perf_counter()
+        result = BENCHMARKS[name](quick=args.quick, threads=args.threads, repeats=args.repeats)
+        result["seconds"] = round(time.perf_counter() - begun, 1)
+        results.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    run = {
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "ratios": [ratio for result in results for ratio in result["ratios"]],
+    }
+    print(json.dumps(run, indent=2), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"run": run, "benchmarks": results}, indent=2) + "\n")
+    return {"run": run, "benchmarks": results}
+
+
+if __name__ == "__main__":
+    main()

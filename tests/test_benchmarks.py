@@ -1,0 +1,84 @@
+"""Smoke test of the benchmarks: every part runs at a tiny size and prints well-formed JSON.
+
+No timing is asserted (a shared CI machine cannot promise speed); only structure, finite positive ratios, the
+pass counts the hooks see, and the equality checks that make each comparison like-for-like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run as bench  # noqa: E402
+from robustkd.methods import METHODS  # noqa: E402
+
+SETTING_KEYS = {"device", "threads", "torch", "repeats", "model", "batch", "quick"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench.main(["--quick", "--threads", str(torch.get_num_threads()), "--out", str(out)])
+    return result, out
+
+
+def _by_name(result: dict, name: str) -> dict:
+    (found,) = [b for b in result["benchmarks"] if b["benchmark"] == name]
+    return found
+
+
+def test_every_benchmark_reports_its_setting_and_ratios(quick):
+    result, out = quick
+    assert [b["benchmark"] for b in result["benchmarks"]] == list(bench.BENCHMARKS)
+    for b in result["benchmarks"]:
+        assert set(b["setting"]) >= SETTING_KEYS, b["benchmark"]
+        assert b["setting"]["quick"] is True
+        for ratio in b["ratios"]:
+            assert ratio["name"].startswith(b["benchmark"] + "/")
+            assert math.isfinite(ratio["ratio"]) and ratio["ratio"] > 0, ratio
+    assert result["run"]["ratios"] == [r for b in result["benchmarks"] for r in b["ratios"]]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+
+def test_methods_cover_the_registry_with_counted_passes(quick):
+    methods = _by_name(quick[0], "methods")
+    rows = {row["name"]: row for row in methods["rows"]}
+    assert set(rows) == set(METHODS.names())
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["ideal_ms"] > 0
+        assert row["passes"].get("student_fwd", 0) >= 1
+    # Quick mode runs 2 attack steps: the hooks see 2 attack passes, then the outer forward and backward.
+    assert rows["pgd_at"]["passes"] == {"student_fwd": 3, "student_input_grad": 2, "student_bwd": 1}
+    assert rows["kdiga"]["passes"]["student_double_bwd"] == 1
+    assert rows["ibp"]["passes"]["student_ibp"] == 1
+    assert all(math.isfinite(v) and v > 0 for v in methods["units_ms"].values() if v)
+
+
+def test_comparisons_are_like_for_like(quick):
+    result = quick[0]
+    attacks = _by_name(result, "attacks")
+    if "robust_accuracy" in attacks["pgd"]:
+        assert all(0 <= acc <= 1 for acc in attacks["pgd"]["robust_accuracy"].values())
+    if "x_adv_max_abs_diff" in attacks["autoattack"]:
+        assert attacks["autoattack"]["x_adv_max_abs_diff"] == 0
+    bounds = _by_name(result, "bounds")
+    for row in bounds.get("rows", []):
+        assert row["bound_max_abs_diff"] <= 1e-4 * max(1.0, row["bound_max_abs"])
+    for row in _by_name(result, "reference")["rows"]:
+        assert row["loss_rel_diff"] < 1e-4, row
+
+
+def test_only_runs_one_part(capsys):
+    result = bench.main(["--quick", "--only", "bounds", "--threads", str(torch.get_num_threads())])
+    assert [b["benchmark"] for b in result["benchmarks"]] == ["bounds"]
+    printed = capsys.readouterr().out
+    assert '"benchmark": "bounds"' in printed and '"ratios"' in printed
