@@ -46,16 +46,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _config(config: Any) -> TrainConfig:
-    from robustkd.config import TrainConfig, from_dict
+    from collections.abc import Mapping
 
-    if isinstance(config, TrainConfig):
-        return config
-    if isinstance(config, str | Path):
-        import yaml
+    from robustkd.config import load_config
 
-        with open(config) as handle:
-            config = yaml.safe_load(handle) or {}
-    return from_dict(dict(config))
+    # Every failure (missing file, bad YAML, a YAML tag, a list instead of a mapping) is a ConfigError.
+    return load_config(dict(config) if isinstance(config, Mapping) else config)
 
 
 def train(config: Any = None, **overrides: Any) -> TrainResult:

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,3 +33,23 @@ def test_import_is_light():
     code = "import sys, robustkd; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("no/such/config.yaml", "no/such/config.yaml"),
+        ("{bad: [yaml", "YAML"),
+        ("!!python/object/apply:os.system ['true']", "tag"),
+        ("[1, 2]", "mapping"),
+    ],
+)
+def test_train_config_errors_are_config_errors(tmp_path, config, message):
+    from robustkd.errors import ConfigError
+
+    path = config
+    if not config.startswith("no/"):
+        path = tmp_path / "c.yaml"
+        path.write_text(config)
+    with pytest.raises(ConfigError, match=message):
+        robustkd.train(str(path))

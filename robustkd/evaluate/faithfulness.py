@@ -56,17 +56,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustkd.attacks.checks import RobustnessWarning, check_deterministic, check_output_is_logits
+from robustkd.attacks.checks import check_deterministic, check_output_is_logits
 from robustkd.attacks.engine import attack_mode, perturb
 from robustkd.attacks.objectives import ConfidenceGap, Disagreement, Mismatch, Objective
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError
-from robustkd.evaluate.robustness import _model_device, _progress, _summary, check_data
+from robustkd.evaluate.progress import ProgressFile, fingerprint, model_tensors, pack_tensor, unpack_tensor
+from robustkd.evaluate.robustness import _model_device, _progress, _recorded, _summary, check_data
 
 DISAGREEMENT_SEARCHES = ("student_flip", "teacher_flip", "mismatch")
 GAP_SURROGATES = ("prob", "log")
 DEFAULT_RHO = (0.05, 0.1, 0.2)
 QUANTILES = (0.5, 0.9, 0.99)
+STAGES = ("disagreement", "gap", "separate_confidence")
 DEFINITIONS = "robustkd's definitions, after Lamb et al. (2023), arXiv 2306.04431"
 
 # Called with (search, eps, index into x, clean inputs, searched points) for every point a search returns.
@@ -246,6 +248,8 @@ def evaluate_faithfulness(
     dataset_size: int | None = None,
     checks: bool = True,
     witness_hook: WitnessHook | None = None,
+    progress_file: str | Path | None = None,
+    save_every: int = 1,
 ) -> dict[str, Any]:
     """Empirical disagreement and confidence gaps of ``student`` against ``teacher`` on (x, y).
 
@@ -261,6 +265,12 @@ def evaluate_faithfulness(
     (and list under ``"warnings"``) when a network seems to output probabilities or to be randomised.
     ``witness_hook(search, eps, index, x, x_adv)`` sees every point a search returns (for tests and debugging).
     Deterministic given ``seed``.
+
+    ``progress_file``: where to save the per-point results so far atomically every ``save_every`` batches. A run
+    killed part-way and started again with the same settings, weights and data continues from that file (the
+    hook sees only the batches run again) and gives the same result, per-example values included, as an
+    uninterrupted one; a file saved for anything else, or damaged, is ignored with a warning. The caller
+    removes it once the result is kept.
 
     Returns a JSON-able dict: ``settings``; ``clean`` (clean accuracy of each network, the share of points where
     they agree, the size of P); ``results``, one block per eps with ``teacher_correct`` (P) and ``both_correct``
@@ -289,14 +299,29 @@ def evaluate_faithfulness(
     for field, model_device in (("teacher", teacher_device), ("student", student_device)):
         if model_device is not None and model_device.type != run_device.type:
             raise ConfigError(f"device: the {field} is on {model_device} but device={run_device}; move it first")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
 
     n = x.shape[0]
     y = y.long()
+    settings = {
+        "threats": [t.to_dict() for t in threats],
+        "rho": list(rhos),
+        "disagreement_searches": list(dis_searches),
+        "gap_surrogates": list(surrogates),
+        "separate_confidence": separate_confidence,
+        "seed": seed,
+        "batch_size": batch_size,
+        "checks": checks,
+        "device": run_device.type,  # kernels, and so borderline results, differ between devices
+    }
+    saved = _open_progress(progress_file, settings, teacher, student, x, y)
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with attack_mode(student, teacher, "eval"):
+            # The clean pass is cheap and deterministic: a resumed run does it again instead of saving it.
             start = time.perf_counter()
             clean = _clean_pass(teacher, student, x, y, batch_size, run_device, checks)
             timing["clean"] = time.perf_counter() - start
@@ -310,49 +335,81 @@ def evaluate_faithfulness(
             if separate_confidence:
                 state["teacher_min_conf"] = clean["teacher_conf"].clone()
                 state["student_min_conf"] = clean["student_conf"].clone()
+            n_chunks = -(-int(p_idx.numel()) // batch_size)
+            found_keys = ["clean", "smaller_eps", *dis_searches]
+            finished, current, before = _restore(saved, state, len(threats), n_chunks, found_keys)
+
+            def save(chunk: int | None, found_by: dict[str, int], stage_time: dict[str, float]) -> None:
+                """Save the running results; ``chunk`` is the next batch of the current radius, None past its end."""
+                if saved.path is None:
+                    return
+                at = None if chunk is None else {"chunk": chunk, "found_by": found_by, "stage_time": stage_time}
+                saved.save(
+                    {
+                        "finished": finished,
+                        "state": _pack(state),
+                        "current": at,
+                        "warnings": _recorded(saved.state.get("warnings", []), caught),
+                        "elapsed": before + time.perf_counter() - t_all,
+                    }
+                )
+
             blocks: list[dict[str, Any]] = []
             per_eps: list[dict[str, Any]] = []
             n_runs = len(dis_searches) + 2 * len(surrogates) + (2 if separate_confidence else 0)
             with _progress(progress) as bar:
-                for threat in threats:
-                    task = None
-                    if bar is not None:
-                        task = bar.add_task(f"eps={threat.eps:g}", total=int(p_idx.numel()) * n_runs)
-                    at_clean = int(clean_disagreement[p_idx].sum())
-                    found_by = {"clean": at_clean, "smaller_eps": int(state["disagreement"][p_idx].sum()) - at_clean}
-                    found_by.update(dict.fromkeys(dis_searches, 0))
-                    stage_time = {"disagreement": 0.0, "gap": 0.0, "separate_confidence": 0.0}
-                    for chunk, begin in enumerate(range(0, p_idx.numel(), batch_size)):
-                        idx = p_idx[begin : begin + batch_size]
-                        xb = x[idx.to(x.device)].to(run_device)
-                        yb = y[idx.to(y.device)].to(run_device)
-                        ctx = _Chunk(teacher, student, xb, yb, idx, threat, seed, chunk, witness_hook, bar, task)
-                        start = time.perf_counter()
-                        for search in dis_searches:
-                            found_by[search] += ctx.disagreement(search, state)
-                        stage_time["disagreement"] += time.perf_counter() - start
-                        start = time.perf_counter()
-                        for direction in ("under", "over"):
-                            for surrogate in surrogates:
-                                ctx.gap(direction, surrogate, state)
-                        stage_time["gap"] += time.perf_counter() - start
-                        if separate_confidence:
+                for e, threat in enumerate(threats):
+                    if e < len(finished):  # done before the interruption: its results at the end of that radius
+                        found_by, stage_time = finished[e]["found_by"], finished[e]["stage_time"]
+                        at_end = {key: _unpack(text, state[key]) for key, text in finished[e]["state"].items()}
+                    else:
+                        first = 0
+                        if current is not None:
+                            first, found_by, stage_time = current["chunk"], current["found_by"], current["stage_time"]
+                            current = None
+                        else:
+                            at_clean = int(clean_disagreement[p_idx].sum())
+                            at_smaller = int(state["disagreement"][p_idx].sum()) - at_clean
+                            found_by = {"clean": at_clean, "smaller_eps": at_smaller, **dict.fromkeys(dis_searches, 0)}
+                            stage_time = dict.fromkeys(STAGES, 0.0)
+                        task = None
+                        if bar is not None:
+                            total = int(p_idx.numel())
+                            done = min(first * batch_size, total) * n_runs
+                            task = bar.add_task(f"eps={threat.eps:g}", total=total * n_runs, completed=done)
+                        for chunk in range(first, n_chunks):
+                            # The chunk number seeds the batch's random starts: a resumed run keeps counting.
+                            idx = p_idx[chunk * batch_size : (chunk + 1) * batch_size]
+                            xb = x[idx.to(x.device)].to(run_device)
+                            yb = y[idx.to(y.device)].to(run_device)
+                            ctx = _Chunk(teacher, student, xb, yb, idx, threat, seed, chunk, witness_hook, bar, task)
                             start = time.perf_counter()
-                            ctx.min_confidence(state)
-                            stage_time["separate_confidence"] += time.perf_counter() - start
+                            for search in dis_searches:
+                                found_by[search] += ctx.disagreement(search, state)
+                            stage_time["disagreement"] += time.perf_counter() - start
+                            start = time.perf_counter()
+                            for direction in ("under", "over"):
+                                for surrogate in surrogates:
+                                    ctx.gap(direction, surrogate, state)
+                            stage_time["gap"] += time.perf_counter() - start
+                            if separate_confidence:
+                                start = time.perf_counter()
+                                ctx.min_confidence(state)
+                                stage_time["separate_confidence"] += time.perf_counter() - start
+                            if (chunk + 1 - first) % save_every == 0 and chunk + 1 < n_chunks:
+                                save(chunk + 1, found_by, stage_time)
+                        at_end = {key: value.clone() for key, value in state.items()}
+                        finished.append({"state": _pack(at_end), "found_by": found_by, "stage_time": stage_time})
+                        save(None, found_by, stage_time)
                     for stage, seconds in stage_time.items():
                         if stage != "separate_confidence" or separate_confidence:
                             timing[f"{stage}@{threat.eps:g}"] = seconds
-                    blocks.append(_block(threat, clean, state, rhos, found_by, separate_confidence))
-                    per_eps.append(_per_eps_examples(threat, clean, state, separate_confidence))
+                    blocks.append(_block(threat, clean, at_end, rhos, found_by, separate_confidence))
+                    per_eps.append(_per_eps_examples(threat, clean, at_end, separate_confidence))
     for w in caught:  # the caller sees every warning too, not only the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    recorded: list[dict[str, str]] = []
-    for w in caught:
-        entry = {"category": w.category.__name__, "message": str(w.message)}
-        if issubclass(w.category, RobustnessWarning) and entry not in recorded:
-            recorded.append(entry)
-    timing["total"] = time.perf_counter() - t_all
+    recorded = _recorded(saved.state.get("warnings", []), caught)
+    timing["total"] = before + time.perf_counter() - t_all
 
     return {
         "settings": {
@@ -394,6 +451,73 @@ def evaluate_faithfulness(
         "warnings": recorded,
         "timing": timing,
     }
+
+
+def _open_progress(
+    path: str | Path | None, settings: dict[str, Any], teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor
+) -> ProgressFile:
+    if path is None:
+        return ProgressFile(None, "")
+    tensors = [*model_tensors("teacher", teacher), *model_tensors("student", student), ("x", x), ("y", y)]
+    return ProgressFile(path, fingerprint({"what": "faithfulness", **settings}, tensors))
+
+
+def _pack(state: dict[str, Tensor]) -> dict[str, str]:
+    return {key: pack_tensor(value) for key, value in state.items()}
+
+
+def _unpack(text: str, like: Tensor) -> Tensor:
+    return unpack_tensor(text, like.dtype, tuple(like.shape))
+
+
+def _restore(
+    saved: ProgressFile, state: dict[str, Tensor], n_eps: int, n_chunks: int, found_keys: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
+    """Check the saved progress whole and load its running per-point results into ``state``.
+
+    Returns the radii finished before the interruption (packed results at the end of each, found_by, stage
+    times), where the next one stopped (None when it had not begun) and the seconds already spent. Damaged
+    progress is dropped with a warning.
+    """
+    if not saved.state:
+        return [], None, 0.0
+
+    def counts(entry: dict[str, Any]) -> dict[str, Any]:
+        if set(entry["found_by"]) != set(found_keys) or set(entry["stage_time"]) != set(STAGES):
+            raise ValueError("the searches differ")
+        return {
+            "found_by": {key: int(entry["found_by"][key]) for key in found_keys},
+            "stage_time": {key: float(entry["stage_time"][key]) for key in STAGES},
+        }
+
+    def tensors(packed: dict[str, str]) -> dict[str, Tensor]:
+        if set(packed) != set(state):
+            raise ValueError("the per-point results differ")
+        return {key: _unpack(packed[key], value) for key, value in state.items()}
+
+    try:
+        finished = []
+        if len(saved.state["finished"]) > n_eps:
+            raise ValueError("more radii than asked for")
+        for entry in saved.state["finished"]:
+            tensors(entry["state"])
+            finished.append({"state": dict(entry["state"]), **counts(entry)})
+        current = saved.state["current"]
+        if current is not None:
+            chunk = current["chunk"]
+            if len(finished) == n_eps or isinstance(chunk, bool) or not isinstance(chunk, int):
+                raise ValueError("a batch past the last radius")
+            if not 0 < chunk < n_chunks:
+                raise ValueError(f"batch {chunk} of {n_chunks}")
+            current = {"chunk": chunk, **counts(current)}
+        running = tensors(saved.state["state"])
+        elapsed = float(saved.state["elapsed"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        warnings.warn(f"ignoring {saved.path}: its contents are damaged ({err}); starting over", stacklevel=3)
+        saved.discard()
+        return [], None, 0.0
+    state.update(running)
+    return finished, current, elapsed
 
 
 def _clean_pass(
@@ -572,17 +696,22 @@ def evaluate_faithfulness_checkpoints(
     dataset: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Faithfulness of a saved student to a saved teacher on the student's test split.
 
     The JSON goes next to the student (``faithful_<stem>_<norm>-<eps>.json``) unless ``out`` says otherwise.
     ``dataset`` overrides the dataset named in the checkpoints (needed for foreign ``.pt`` files).
+    Per-point results are saved beside the output (``<out>.progress.json``) after every batch; with ``resume``
+    a killed run started again with the same arguments continues from them and gives the same result. The file
+    is removed once the result is written.
     """
     from robustkd.checkpoint import load_model, resolve
     from robustkd.engine.loop import resolve_device
     from robustkd.evaluate import checkpoint_eval
     from robustkd.io import atomic_write_json
 
+    threats = _threats(eps, norm, steps, restarts, step_size)  # nonsense fails before any loading
     dev = resolve_device(device)
     teacher = load_model(teacher_path, device=dev)
     student = load_model(student_path, device=dev)
@@ -598,6 +727,18 @@ def evaluate_faithfulness_checkpoints(
     elif "dataset" not in meta_s and "dataset" in meta_t:
         meta_s["dataset"] = meta_t["dataset"]
     x, y, n_total, source = checkpoint_eval.load_test_points(meta_s, n_examples, data_root)
+
+    def weights_path(path: str | Path) -> Path:
+        # Foreign state dicts are single files; robustkd checkpoints resolve to their .safetensors.
+        return Path(path) if Path(path).suffix in (".pt", ".pth", ".bin", ".ckpt") else resolve(path)
+
+    if out is None:
+        weights = weights_path(student_path)
+        radii = "_".join(f"{t.eps:g}" for t in threats)
+        out = weights.with_name(f"faithful_{weights.stem}_{threats[0].norm}-{radii}.json")
+    saved = checkpoint_eval.progress_path(out)
+    if not resume:
+        saved.unlink(missing_ok=True)
     result = evaluate_faithfulness(
         teacher,
         student,
@@ -617,22 +758,15 @@ def evaluate_faithfulness_checkpoints(
         device=dev,
         progress=progress,
         dataset_size=n_total,
+        progress_file=saved,
     )
-
-    def weights_path(path: str | Path) -> Path:
-        # Foreign state dicts are single files; robustkd checkpoints resolve to their .safetensors.
-        return Path(path) if Path(path).suffix in (".pt", ".pth", ".bin", ".ckpt") else resolve(path)
-
     paths = {"teacher": (teacher_path, meta_t), "student": (student_path, meta_s)}
     result["models"] = {
         name: {"path": str(weights_path(path)), "arch": meta.get("arch"), "method": meta.get("method")}
         for name, (path, meta) in paths.items()
     }
     result["data"] = {"dataset": meta_s.get("dataset"), "source": source, "split": "test"}
-    if out is None:
-        weights = weights_path(student_path)
-        radii = "_".join(f"{e:g}" for e in result["settings"]["eps"])
-        out = weights.with_name(f"faithful_{weights.stem}_{result['settings']['norm']}-{radii}.json")
     atomic_write_json(out, result)
+    saved.unlink(missing_ok=True)
     result["output"] = str(out)
     return result

@@ -98,3 +98,22 @@ def pack_generator(generator: torch.Generator) -> str:
 def unpack_generator(generator: torch.Generator, text: str) -> None:
     raw = base64.b64decode(text.encode("ascii"), validate=True)
     generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def pack_tensor(tensor: Tensor) -> str:
+    """A tensor's raw bytes as base64 text: exact, NaN and signed zeros included."""
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def unpack_tensor(text: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """The tensor :func:`pack_tensor` wrote; ValueError when the text does not hold exactly that many values."""
+    if not isinstance(text, str):
+        raise ValueError("expected base64 text")
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    out = torch.empty(shape, dtype=dtype)
+    if len(raw) != out.numel() * out.element_size():
+        raise ValueError(f"expected {out.numel()} values of {dtype}")
+    if raw:  # frombuffer refuses an empty buffer
+        out.copy_(torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape))
+    return out
