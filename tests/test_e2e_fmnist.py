@@ -11,6 +11,7 @@ import os
 import pytest
 
 import robustkd
+from robustkd.certify import certified_accuracy
 from robustkd.config import from_dict
 from robustkd.evaluate import evaluate_robustness
 from robustkd.evaluate.checkpoint_eval import load_test_points
@@ -73,6 +74,12 @@ def test_pgd_at_teacher_is_30_points_more_robust_than_standard(runs, teacher, po
     print({"standard": standard, "pgd_at": robust})
     assert standard["clean"] >= 0.80, standard
     assert robust["pgd20"] - standard["pgd20"] >= 0.30, (standard, robust)
+    # Robust, yet no certificate at its own eps: every teacher-student certificate from it would be vacuous,
+    # which is why the certified experiments (test_e2e_faithful.py) start from an IBP-trained teacher.
+    x, y = points
+    certified = certified_accuracy(robustkd.load_model(teacher), x, y, 0.1, "best")
+    print({"pgd_at_certified_accuracy": certified})
+    assert certified <= 0.02
 
 
 def test_kd_loses_robustness_that_kdiga_and_advfunmatch_keep(runs, teacher, points):

@@ -1,0 +1,66 @@
+"""The quickstart pipeline at a tiny size: every stage runs, the report is complete, its numbers are exactly
+what ``robustkd evaluate`` and ``robustkd certify`` give when run separately, and a second run reuses all."""
+
+import json
+import shlex
+
+import pytest
+
+from robustkd.cli import main
+from robustkd.quickstart import STUDENTS, Plan, run
+
+pytestmark = pytest.mark.slow
+
+TINY = Plan(
+    train_subset=400,
+    teacher_epochs=2,
+    student_epochs=1,
+    faithful_epochs=2,
+    n_eval=40,
+    attack_steps=2,
+    faithfulness_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    return out, run(out, plan=TINY, progress=False, device="cpu")
+
+
+def _rerun(command: str, out) -> dict:
+    argv = shlex.split(command)[1:]
+    argv[argv.index("--out") + 1] = str(out)
+    assert main([*argv, "--no-progress"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_report_has_every_model_and_output(quick):
+    out, result = quick
+    names = [row["name"] for row in result["models"]]
+    assert names == ["teacher", *STUDENTS]
+    for kind in ("html", "md", "json"):
+        assert (out / "report" / f"report.{kind}").is_file()
+    assert set(result["summary"]) == set(STUDENTS)
+    assert all(result["seconds"][stage] >= 0 for stage in ("teacher", *STUDENTS, "report", "total"))
+    for row in result["models"][1:]:
+        assert row["certified_agreement"] is not None and row["disagreement"] is not None
+
+
+def test_report_numbers_equal_separate_commands(quick, tmp_path):
+    _, result = quick
+    row = next(r for r in result["models"] if r["name"] == "faithful")
+    robustness = _rerun(row["commands"][f"robustness@{TINY.eps:g}"], tmp_path / "eval.json")
+    assert {k: v["accuracy"] for k, v in robustness["attacks"].items()} == row["accuracy"]
+    cert = _rerun(row["certify_commands"][f"certify@{TINY.eps:g}"], tmp_path / "cert.json")
+    assert cert["teacher_correct"]["agreement_certified"] == row["certified_agreement"]
+
+
+def test_second_run_reuses_everything(quick):
+    out, first = quick
+    again = run(out, plan=TINY, progress=False, device="cpu")
+    def numbers(rows):  # latency is measured afresh on every report
+        return [{k: v for k, v in row.items() if k != "latency_ms"} for row in rows]
+
+    assert numbers(again["models"]) == numbers(first["models"])
+    assert again["seconds"]["total"] < first["seconds"]["total"]
