@@ -59,6 +59,7 @@ def test_report_numbers_equal_separate_commands(quick, tmp_path):
 def test_second_run_reuses_everything(quick):
     out, first = quick
     again = run(out, plan=TINY, progress=False, device="cpu")
+
     def numbers(rows):  # latency is measured afresh on every report
         return [{k: v for k, v in row.items() if k != "latency_ms"} for row in rows]
 
