@@ -804,6 +804,7 @@ def test_real_fashion_mnist(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR_ZIP.is_file(), reason=f"CIFAR-10 JPEG zip not found at {SHARED_CIFAR_ZIP}")
 def test_real_cifar10_jpeg(monkeypatch):
     monkeypatch.setattr(sources, "shared_data_dirs", lambda: [SHARED_CIFAR_ZIP.parent])
     ds = data.load_dataset("cifar10", cache_dir=USER_CACHE)
