@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkd.certify.bounds import get_verifier
-from robustkd.certify.pair import DEFAULT_RHO, _rate, _subset_summary, certify
+from robustkd.certify.pair import DEFAULT_RHO, certify, summarize
 from robustkd.errors import ConfigError
 from robustkd.evaluate.checkpoint_eval import progress_path
 from robustkd.evaluate.progress import ProgressFile, fingerprint, model_tensors
@@ -159,25 +159,7 @@ def _summary(
 ) -> dict[str, Any]:
     """The summary ``certify`` returns, from per-example results (tests check the two agree)."""
     r = {key: torch.tensor(values) for key, values in per_example.items()}
-    n = len(next(iter(r.values())))
     eps32 = float(torch.as_tensor(eps, dtype=torch.float32))  # as certify reports it
-    summary: dict[str, Any] = {"method": method, "backend": backend, "eps": eps32, "n": n}
-    if not pair:
-        summary.update(clean_accuracy=_rate(r["correct"]), certified_accuracy=_rate(r["certified"]))
-    else:
-        summary.update(
-            joint=joint,
-            rho=[float(v) for v in rho],
-            teacher={
-                "clean_accuracy": _rate(r["teacher_correct"]),
-                "certified_accuracy": _rate(r["teacher_certified"]),
-            },
-            student={
-                "clean_accuracy": _rate(r["student_correct"]),
-                "certified_accuracy": _rate(r["student_certified"]),
-            },
-            teacher_correct=_subset_summary(r, r["teacher_correct"], n, rho),
-            both_correct=_subset_summary(r, r["teacher_correct"] & r["student_correct"], n, rho),
-        )
+    summary = summarize(r, pair=pair, backend=backend, eps=eps32, method=method, joint=joint, rho=rho)
     summary["per_example"] = per_example
     return summary

@@ -271,31 +271,45 @@ def certify(
             for key, value in r.items():
                 parts.setdefault(key, []).append(value.cpu())
     r = {key: torch.cat(values) for key, values in parts.items()}
-    summary: dict[str, Any] = {
-        "method": method,
-        "backend": verifier.backend,
-        "eps": eps_all.tolist() if per_point_eps else float(eps_all),
-        "n": n,
-    }
-    if teacher is None:
-        summary.update(clean_accuracy=_rate(r["correct"]), certified_accuracy=_rate(r["certified"]))
-    else:
-        summary.update(
-            joint=joint,
-            rho=[float(v) for v in rho],
-            teacher={
-                "clean_accuracy": _rate(r["teacher_correct"]),
-                "certified_accuracy": _rate(r["teacher_certified"]),
-            },
-            student={
-                "clean_accuracy": _rate(r["student_correct"]),
-                "certified_accuracy": _rate(r["student_certified"]),
-            },
-            teacher_correct=_subset_summary(r, r["teacher_correct"], n, rho),
-            both_correct=_subset_summary(r, r["teacher_correct"] & r["student_correct"], n, rho),
-        )
+    eps_out = eps_all.tolist() if per_point_eps else float(eps_all)
+    summary = summarize(
+        r, pair=teacher is not None, backend=verifier.backend, eps=eps_out, method=method, joint=joint, rho=rho
+    )
     if per_example:
         summary["per_example"] = {key: value.tolist() for key, value in r.items()}
+    return summary
+
+
+def summarize(
+    r: dict[str, Tensor],
+    *,
+    pair: bool,
+    backend: str,
+    eps: float | list[float],
+    method: str,
+    joint: bool,
+    rho: Sequence[float],
+) -> dict[str, Any]:
+    """The summary :func:`certify` returns, from its per-example results ``r`` (one tensor per key)."""
+    n = len(next(iter(r.values())))
+    summary: dict[str, Any] = {"method": method, "backend": backend, "eps": eps, "n": n}
+    if not pair:
+        summary.update(clean_accuracy=_rate(r["correct"]), certified_accuracy=_rate(r["certified"]))
+        return summary
+    summary.update(
+        joint=joint,
+        rho=[float(v) for v in rho],
+        teacher={
+            "clean_accuracy": _rate(r["teacher_correct"]),
+            "certified_accuracy": _rate(r["teacher_certified"]),
+        },
+        student={
+            "clean_accuracy": _rate(r["student_correct"]),
+            "certified_accuracy": _rate(r["student_certified"]),
+        },
+        teacher_correct=_subset_summary(r, r["teacher_correct"], n, rho),
+        both_correct=_subset_summary(r, r["teacher_correct"] & r["student_correct"], n, rho),
+    )
     return summary
 
 
