@@ -33,12 +33,20 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def _train(cmd: list[str], run_dir: Path) -> float:
+    """Train unless the run has finished before (its results.json exists): a re-run only evaluates."""
+    if (run_dir / "results.json").exists():
+        return 0.0
+    return _run(cmd, run_dir.parent / f"{run_dir.name}.log")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/fmnist_table", help="folder for the runs")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-subset", type=int, default=None, help="stratified training subset (default: all)")
     parser.add_argument("--attacks", default="clean,pgd20,cw20")
+    parser.add_argument("--n-test", type=int, default=None, help="evaluate on the first N test points (default: all)")
     parser.add_argument("--autoattack-n", type=int, default=0, help="also run AutoAttack on the first N test points")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (useful on a GPU)")
@@ -54,7 +62,7 @@ def main() -> None:
         common += ["--data.train_subset", str(args.train_subset)]
     teacher_cmd = [*exe, "train", "--config", "configs/fmnist/teacher_pgd_at.yaml", "--name", "teacher", *common]
     print("$", shlex.join(teacher_cmd[2:]), flush=True)
-    seconds = {"teacher": _run(teacher_cmd, out / "teacher.log")}
+    seconds = {"teacher": _train(teacher_cmd, out / "teacher")}
     teacher = str(out / "teacher" / "best")
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -66,6 +74,8 @@ def main() -> None:
     def evaluate(name: str) -> tuple[list[str], float]:
         cmd = [*exe, "evaluate", "--model", str(out / name / "best"), "--protocol", "linf-0.1"]
         cmd += ["--attacks", args.attacks, "--device", args.device, "--no-progress"]
+        if args.n_test:
+            cmd += ["--n-examples", str(args.n_test)]
         cmd += ["--out", str(out / f"{name}_eval.json")]
         took = _run(cmd, out / f"{name}_eval.log")
         if args.autoattack_n:
@@ -78,7 +88,7 @@ def main() -> None:
     def one(method: str) -> tuple[str, float, float]:
         print("$", shlex.join(distill[method][2:]), flush=True)
         try:
-            took = _run(distill[method], out / f"{method}.log")
+            took = _train(distill[method], out / method)
             _, eval_took = evaluate(method)
         except RunFailed as err:  # one failed method must not lose the others' results
             print(err, flush=True)
@@ -116,7 +126,7 @@ def main() -> None:
         cells = [row["name"], *(f"{row[a]:.3f}" for a in attacks)]
         if args.autoattack_n:
             cells.append(f"{row['autoattack']:.3f}")
-        cells.append(f"{row['train_seconds']:.0f}")
+        cells.append(f"{row['train_seconds']:.0f}" if row["train_seconds"] else "reused")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
