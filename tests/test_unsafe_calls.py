@@ -91,12 +91,6 @@ def _is_constant(node: ast.AST | None, value: object) -> bool:
     return isinstance(node, ast.Constant) and node.value is value
 
 
-def _round_trip(call: ast.Call, names: dict[str, str]) -> bool:
-    """``pickle.loads(pickle.dumps(obj))``: bytes made on the spot from our own object, never read in."""
-    arg = call.args[0] if len(call.args) == 1 and not call.keywords else None
-    return isinstance(arg, ast.Call) and _dotted(arg.func, names) in ("pickle.dumps", "_pickle.dumps")
-
-
 def _functions(tree: ast.AST) -> list[ast.AST]:
     """Each function, plus the module itself for top-level code."""
     return [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]
@@ -128,9 +122,7 @@ def find_unsafe(source: str, filename: str = "<snippet>") -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func, names)
-        if name in ("pickle.loads", "_pickle.loads") and _round_trip(node, names):
-            allowed.add(id(node.func))
-        elif name in TORCH_LOADS:
+        if name in TORCH_LOADS:
             if _is_constant(_keyword(node, "weights_only"), True):
                 allowed.add(id(node.func))
         elif name in YAML_LOADS:
@@ -215,6 +207,7 @@ def test_weakening_a_real_loader_is_caught(module, old, new):
         "import pickle\npickle.load(open('f', 'rb'))",
         "import pickle as p\np.loads(b'')",
         "import pickle\npickle.loads(pickle.dumps(a) + received)",
+        "import pickle\npickle.loads(pickle.dumps(err))",
         "import pickle\npickle.loads(data)",
         "from pickle import load\nload(f)",
         "from pickle import Unpickler\nclass U(Unpickler): pass",
@@ -262,7 +255,6 @@ def test_checker_catches(snippet):
         "        if is_unsafe_member(i.filename):\n            raise ValueError\n    return z.read(i)",
         "import tarfile\ndef f(p):\n    with tarfile.open(p) as t:\n        for m in t:\n"
         "            if is_unsafe_member(m.name):\n                raise ValueError\n            t.extractfile(m)",
-        "import pickle\npickle.loads(pickle.dumps(err))",
         "def f(path):\n    with open(path) as handle:\n        return handle.read()",
     ],
 )
