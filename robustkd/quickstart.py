@@ -77,13 +77,14 @@ def student_config(method: str, plan: Plan) -> dict[str, Any]:
             "loss_form": "log_hinge",
         },
     }[method]
-    epochs = plan.faithful_epochs if method == "faithful" else plan.student_epochs
+    # Certified training (an eps ramp after a warm-up) needs the longer schedule and larger batches.
+    ramped = "ramp_epochs" in args
     optim = {"name": "adam", "lr": 1e-3, "schedule": "cosine", "grad_clip": 5.0}
     return {
         "name": method,
         "seed": plan.seed,
-        "epochs": epochs,
-        "data": _data(plan, 256 if method == "faithful" else 128),
+        "epochs": plan.faithful_epochs if ramped else plan.student_epochs,
+        "data": _data(plan, 256 if ramped else 128),
         "model": {"arch": "dm_small"},
         "method": {"name": method, "args": args},
         "optim": optim,
