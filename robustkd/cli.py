@@ -38,6 +38,15 @@ def _train_parser(prog: str, description: str, epilog: str) -> Any:
     return parser
 
 
+def _command_parser(prog: str, description: str, epilog: str) -> Any:
+    """An argparse parser for a command that takes no config file; examples are kept as written."""
+    import argparse
+
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def _formatter() -> Any:
     from jsonargparse import DefaultHelpFormatter
 
@@ -77,15 +86,12 @@ EVALUATE_EXAMPLES = """examples:
 
 
 def _evaluate(argv: list[str]) -> int:
-    import argparse
-
     from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
 
-    parser = argparse.ArgumentParser(
-        prog="robustkd evaluate",
-        description="Robust accuracy of a saved model on its dataset's test split (full test set by default).",
-        epilog=EVALUATE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = _command_parser(
+        "robustkd evaluate",
+        "Robust accuracy of a saved model on its dataset's test split (full test set by default).",
+        EVALUATE_EXAMPLES,
     )
     parser.add_argument("--model", required=True, help="checkpoint: runs/<name>/best, a .safetensors file or a run dir")
     parser.add_argument("--protocol", default="linf-0.1", help="threat-model preset (robustkd list protocols)")
@@ -139,19 +145,16 @@ CERTIFY_EXAMPLES = """examples:
 
 
 def _certify(argv: list[str]) -> int:
-    import argparse
-
     from robustkd.certify.checkpoints import certify_checkpoints
 
-    parser = argparse.ArgumentParser(
-        prog="robustkd certify",
-        description=(
+    parser = _command_parser(
+        "robustkd certify",
+        (
             "Certified bounds over the Linf eps-ball on the test split: certified accuracy of the student "
             "and, with --teacher, the share of teacher-correct points certified to agree with the teacher "
             "and a certified upper bound on the confidence gap f_T^y - f_S^y."
         ),
-        epilog=CERTIFY_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        CERTIFY_EXAMPLES,
     )
     parser.add_argument("--student", required=True, help="checkpoint of the model to certify")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (omit to certify the student alone)")
@@ -243,21 +246,18 @@ def _subset_arg(text: str) -> int | None:
 
 
 def _report(argv: list[str]) -> int:
-    import argparse
-
     from robustkd.report import ReportSettings, Thresholds, make_report
 
     s, t = ReportSettings(), Thresholds()
-    parser = argparse.ArgumentParser(
-        prog="robustkd report",
-        description=(
+    parser = _command_parser(
+        "robustkd report",
+        (
             "Compare distilled students with their teachers: clean, attacked and certified accuracy, empirical "
             "and certified faithfulness, size and latency, with a verdict per student. Writes report.html "
             "(self-contained), report.md and report.json into --out. Evaluations run through robustkd evaluate "
             "and certify and are cached under each run dir's report_cache/. See docs/report.md."
         ),
-        epilog=REPORT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        REPORT_EXAMPLES,
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by robustkd distill")
     parser.add_argument("--out", default="report", help="folder for the report (default: report)")
@@ -347,20 +347,17 @@ QUICKSTART_EXAMPLES = """examples:
 
 
 def _quickstart(argv: list[str]) -> int:
-    import argparse
-
     from robustkd.quickstart import STUDENT_METHODS, STUDENTS, Plan, run
 
-    parser = argparse.ArgumentParser(
-        prog="robustkd quickstart",
-        description=(
+    parser = _command_parser(
+        "robustkd quickstart",
+        (
             "The whole pipeline on Fashion-MNIST, offline and small: an IBP-trained (certifiable) teacher, students "
             "distilled from it, and one report comparing them (clean / PGD-20 / CW-20 accuracy, empirical and "
             "certified relative calibration, a verdict per student). Finished runs are reused and interrupted ones "
             "resume, so running it again is cheap."
         ),
-        epilog=QUICKSTART_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        QUICKSTART_EXAMPLES,
     )
     parser.add_argument("--out", default="runs/quickstart", help="folder for the runs and the report")
     parser.add_argument(
@@ -406,21 +403,18 @@ EXPORT_EXAMPLES = """examples:
 
 
 def _export_command(argv: list[str]) -> int:
-    import argparse
-
     from robustkd.export import CALIBRATION_TOLERANCE, EXPORTERS, LOGIT_TOLERANCE, export_onnx
 
-    parser = argparse.ArgumentParser(
-        prog="robustkd export",
-        description=(
+    parser = _command_parser(
+        "robustkd export",
+        (
             "Export a checkpoint to ONNX, run the graph with onnxruntime on the test set and check it against "
             "the PyTorch model (same predictions, largest logit difference); with --teacher, also that the "
             "relative-calibration metrics against the teacher are unchanged. The result goes to "
             "<name>.export.json beside the .onnx and to export_<ckpt>.json in the run dir (shown by robustkd "
             "report). Exit status 1 when the check fails."
         ),
-        epilog=EXPORT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EXPORT_EXAMPLES,
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint: runs/<name>/best, a .safetensors or a run dir")
     parser.add_argument("--onnx", required=True, help="output file, e.g. student.onnx")
