@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import robustkd.evaluate.faithfulness as faithfulness
 from robustkd.evaluate import checkpoint_eval, evaluate_faithfulness, evaluate_faithfulness_checkpoints
@@ -41,25 +40,6 @@ SETTINGS = {
 
 class Stop(Exception):
     """Stands in for a kill: raised before a search runs, so nothing after it happens."""
-
-
-@pytest.fixture(scope="module")
-def pair():
-    """A small MLP teacher and a noisy copy as student, 60 points of which 54 the teacher gets right."""
-    g = torch.Generator().manual_seed(0)
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.8)
-    student = copy.deepcopy(teacher)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.25)
-    x = torch.rand(60, 1, 4, 4, generator=g)
-    with torch.no_grad():
-        y = teacher(x).argmax(1)
-    y[:6] = (y[:6] + 1) % 4
-    return teacher.eval(), student.eval(), x, y
 
 
 def _strip(result: dict) -> dict:
