@@ -13,6 +13,7 @@ import fcntl
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -94,8 +95,15 @@ def _worker(job_file: Path) -> None:
             except KeyboardInterrupt:
                 if kill_at is None:
                     raise
+        # Both ranks reach the teardown together, so neither closes its gloo pairs under a peer's last send.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    # Every result is on disk by now. Skipping interpreter teardown avoids a rare abort there ("terminate called
+    # without an active exception", seen once under load) that would fail the launch after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @dataclass
@@ -115,9 +123,19 @@ def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.
     cmd = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--standalone", f"--nproc_per_node={WORLD}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    # A session of its own, so a timeout kills the ranks too: they hold the output pipes, and killing only
+    # torchrun would leave communicate() waiting on them.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s\n{out[-4000:]}\n{err[-4000:]}")
+    assert proc.returncode == 0, f"{out[-4000:]}\n{err[-4000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _save_teacher(path: Path, num_classes: int, size: int) -> Path:

@@ -207,7 +207,12 @@ def run_child(argv: list[str], fault: dict | None = None, wait: bool = True, tim
     )
     if not wait:
         return proc
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the child did not finish in {timeout} s\n{out[-4000:]}\n{err[-4000:]}")
     return proc.returncode, out, err
 
 

@@ -167,6 +167,9 @@ def distributed(device: torch.device) -> Iterator[Dist]:
         pg.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield Dist(device, pg.get_rank(), pg.get_world_size())
+        if not initialised:
+            # Ranks tear down together: none closes its connections while a peer still finishes a collective.
+            pg.barrier()
     finally:
         if not initialised:
             pg.destroy_process_group()
