@@ -20,6 +20,30 @@ CLASSES = 10
 # Each timed sample runs a function often enough to last this long, so timer resolution and one-off
 # scheduler hiccups weigh little against it.
 MIN_SAMPLE_S = 0.05
+# Where every benchmark's models and batches live; `python -m benchmarks.run --device` sets it once.
+DEVICE = torch.device("cpu")
+
+
+def use_device(name: str) -> torch.device:
+    """Run the benchmarks on ``name`` (cpu, cuda, cuda:N); refused when that device is not there."""
+    global DEVICE
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    DEVICE = device
+    return device
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work, so a timer around it measures the work and not its launch."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or "cpu"
 
 
 def setting(threads: int, repeats: int, **extra: Any) -> dict[str, Any]:
@@ -28,7 +52,8 @@ def setting(threads: int, repeats: int, **extra: Any) -> dict[str, Any]:
     The 1-minute load average at the start says how busy a shared machine was (other people's jobs).
     """
     return {
-        "device": "cpu",
+        "device": str(DEVICE),
+        "device_name": _device_name(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -52,15 +77,17 @@ def load_images(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tens
         data = getattr(load_dataset("fashion-mnist"), split)
     except Exception:  # any failure to find or read the files: the fallback below is announced in `source`
         x = torch.rand((n, *INPUT), generator=generator)
-        return x, torch.randint(0, CLASSES, (n,), generator=generator), "random (Fashion-MNIST not installed)"
+        y = torch.randint(0, CLASSES, (n,), generator=generator)
+        return x.to(DEVICE), y.to(DEVICE), "random (Fashion-MNIST not installed)"
     index = torch.randperm(len(data), generator=generator)[:n]
-    return data.images[index].float().div(255), data.labels[index], f"fashion-mnist {split}"
+    x, y = data.images[index].float().div(255), data.labels[index]
+    return x.to(DEVICE), y.to(DEVICE), f"fashion-mnist {split}"
 
 
 def make_model(arch: str, seed: int = 0) -> nn.Module:
     """A registered architecture for 28x28 greyscale inputs, initialised from ``seed``."""
     torch.manual_seed(seed)
-    return create_model(arch, num_classes=CLASSES, in_channels=INPUT[0], input_size=INPUT[1])
+    return create_model(arch, num_classes=CLASSES, in_channels=INPUT[0], input_size=INPUT[1]).to(DEVICE)
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -78,17 +105,21 @@ def calibrate(fn: Callable[[], Any], warmup: int = 2) -> int:
     """Calls per sample so that one sample lasts about MIN_SAMPLE_S (after ``warmup`` untimed calls)."""
     for _ in range(max(0, warmup - 1)):
         fn()
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     once = time.perf_counter() - start
     return max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-6)))
 
 
 def sample(fn: Callable[[], Any], calls: int) -> float:
     """Seconds per call, averaged over ``calls`` back-to-back calls."""
+    synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / calls
 
 

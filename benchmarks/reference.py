@@ -42,7 +42,7 @@ def reference_ard_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Ten
     eps, step, tau, alpha = method.eps, method.step_size, method.temperature, method.alpha
     student.train()
     # The same uniform draw as robustkd's start, so both sides take identical steps.
-    x_adv = _project(x + (2 * torch.rand(x.shape) - 1) * eps, x, eps)
+    x_adv = _project(x + (2 * torch.rand(x.shape, device=x.device) - 1) * eps, x, eps)
     for _ in range(method.steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(student(x_adv), y, reduction="sum")
@@ -61,7 +61,7 @@ def reference_rslad_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: T
     eps, step, alpha = method.eps, method.step_size, method.alpha
     student.eval()
     target = F.softmax(teacher(x), dim=1)
-    x_adv = _project(x + NORMAL_START_STD * torch.randn(x.shape), x, eps)
+    x_adv = _project(x + NORMAL_START_STD * torch.randn(x.shape, device=x.device), x, eps)
     for _ in range(method.steps):
         x_adv.requires_grad_(True)
         loss = F.kl_div(F.log_softmax(student(x_adv), dim=1), target.detach(), reduction="sum")

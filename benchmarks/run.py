@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--out FILE] [--threads N]``.
+"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--out FILE] [--threads N] [--device D]``.
 
 Each benchmark prints its JSON as it finishes; the last object printed lists every ratio of the run.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import attacks, bounds, methods, reference
+from benchmarks import attacks, bounds, common, methods, reference
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "methods": methods.run,
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # One thread by default: on a small shared machine two threads per op stall whenever another process
     # holds a core, and the two sides of a ratio would see different stalls.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; timers wait for the device")
     args = parser.parse_args(argv)
+    try:
+        common.use_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

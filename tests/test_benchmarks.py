@@ -82,3 +82,28 @@ def test_only_runs_one_part(capsys):
     assert [b["benchmark"] for b in result["benchmarks"]] == ["bounds"]
     printed = capsys.readouterr().out
     assert '"benchmark": "bounds"' in printed and '"ratios"' in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_missing_device_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "--device cuda: this machine has no CUDA device" in captured.err
+    assert captured.out == ""  # no benchmark started
+
+
+def test_the_device_reaches_models_batches_and_setting():
+    from benchmarks import common
+
+    try:
+        common.use_device("cpu")
+        x, y, _ = common.load_images(4)
+        model = common.make_model("dm_small")
+        assert x.device == y.device == next(model.parameters()).device == torch.device("cpu")
+        assert common.setting(1, 1)["device"] == "cpu"
+        with pytest.raises(ValueError, match="only cpu and cuda"):
+            common.use_device("meta")
+    finally:
+        common.use_device("cpu")
