@@ -264,3 +264,31 @@ def test_timm_models_build_offline(tmp_path):
         create_model("timm/resnet81")
     with pytest.raises(ConfigError, match="timm/resnet18"):
         create_model("timm/resnet18", no_such_option=1)
+
+
+def test_vit_attention_equals_the_fused_kernel_and_is_twice_differentiable():
+    import torch.nn.functional as F
+
+    from robustkd.models.vit import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(dim=8, heads=2).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    q, k, v = attention.qkv(x).view(3, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    fused = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 5, 8))
+    torch.testing.assert_close(attention(x), fused, rtol=1e-12, atol=1e-12)
+    # KDIGA differentiates the input gradient again: the fused CPU kernel raises here.
+    assert torch.autograd.gradgradcheck(attention, (x,))
+
+
+def test_kdiga_trains_a_vit_student():
+    from robustkd.methods import Batch, StepInfo, build_method
+
+    torch.manual_seed(0)
+    student = create_model("vit_tiny", in_channels=1, input_size=28, dim=12, depth=1, heads=2)
+    teacher = create_model("dm_small", in_channels=1, input_size=28).eval().requires_grad_(False)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    out = build_method("kdiga", {"gamma": 10.0})(student, teacher, Batch(x, y), StepInfo(0, 0, 1, 1))
+    out.loss.backward()
+    grads = {name: p.grad for name, p in student.named_parameters() if "qkv" in name}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
