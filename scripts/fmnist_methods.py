@@ -4,6 +4,8 @@ Every row of the table is the output of two commands printed beside it (``robust
 ``robustkd evaluate``); this script only runs them (in parallel with ``--jobs``) and collects the JSON.
 
     python scripts/fmnist_methods.py --out runs/fmnist_table --epochs 5 --train-subset 20000 --jobs 4
+
+``--student vit_tiny --student-args '{...}'`` distils into another architecture than the configs' DM-small.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (useful on a GPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--table", default=None, help="write the Markdown table here")
+    parser.add_argument("--student", default=None, help="student architecture (default: each config's, dm_small)")
+    parser.add_argument("--student-args", default=None, help="its arguments as JSON, e.g. '{\"depth\": 4}'")
+    parser.add_argument("--distill-args", default="", help="more flags for every distill command, e.g. optimiser")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -66,10 +71,11 @@ def main() -> None:
     teacher = str(out / "teacher" / "best")
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    distill = {
-        m: [*exe, "distill", "--config", f"configs/fmnist/{m}.yaml", "--name", m, "--teacher", teacher, *common]
-        for m in methods
-    }
+    student = ["--model.arch", args.student] if args.student else []
+    student += ["--model.args", args.student_args] if args.student_args else []
+    distill = {m: [*exe, "distill", "--config", f"configs/fmnist/{m}.yaml", "--name", m] for m in methods}
+    for cmd in distill.values():
+        cmd += ["--teacher", teacher, *common, *student, *shlex.split(args.distill_args)]
 
     def evaluate(name: str) -> tuple[list[str], float]:
         cmd = [*exe, "evaluate", "--model", str(out / name / "best"), "--protocol", "linf-0.1"]
