@@ -292,3 +292,81 @@ def test_kdiga_trains_a_vit_student():
     out.loss.backward()
     grads = {name: p.grad for name, p in student.named_parameters() if "qkv" in name}
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("stride, padding, size", [(1, 0, 7), (1, 1, 8), (2, 0, 8), (2, 1, 7), (2, 1, 8)])
+def test_depthwise_conv_derivatives_equal_the_native_ones(stride, padding, size):
+    import torch.nn.functional as F
+
+    from robustkd.models.layers import _DepthwiseConv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def ours(x, w):
+        return _DepthwiseConv.apply(x, w, (stride, stride), (padding, padding), (1, 1))
+
+    def native(x, w):
+        return F.conv2d(x, w, None, stride, padding, 1, 3)
+
+    torch.testing.assert_close(ours(x, w), native(x, w), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(ours, (x, w))
+    assert torch.autograd.gradgradcheck(ours, (x, w))
+    # The input-gradient penalty's gradient, as KDIGA takes it, against the native double backward.
+    second = []
+    for fn in (ours, native):
+        (gx,) = torch.autograd.grad(fn(x, w).pow(2).sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(gx.pow(2).sum(), (x, w)))
+    for a, b in zip(*second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _convolutions_in_double_backward(conv: nn.Module) -> int:
+    from torch.profiler import profile
+
+    x = torch.rand(2, 64, 8, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(conv(x).pow(2).sum(), x, create_graph=True)
+    with profile() as prof:
+        gx.pow(2).sum().backward()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+def test_depthwise_double_backward_does_not_loop_over_channels():
+    from robustkd.models.layers import DepthwiseConv2d
+
+    ours = DepthwiseConv2d(64, 3, padding=1)
+    native = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    # PyTorch's grouped double backward runs one convolution per channel; ours a fixed handful.
+    assert _convolutions_in_double_backward(native) >= 64
+    assert _convolutions_in_double_backward(ours) <= 4
+
+
+def test_mobilenet_kdiga_gradients_and_checkpoints_are_unchanged_by_the_depthwise_layer():
+    import copy
+
+    from robustkd.methods import Batch, StepInfo, build_method
+    from robustkd.models.layers import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    ours = create_model("mobilenet_v2", input_size=32, width_mult=0.25)
+    native = copy.deepcopy(ours)
+    swapped = 0
+    for module in native.modules():
+        if isinstance(module, DepthwiseConv2d):
+            module.__class__ = nn.Conv2d
+            swapped += 1
+    assert swapped == 17  # every inverted-residual block's depthwise convolution
+    assert ours.state_dict().keys() == native.state_dict().keys()
+    teacher = create_model("dm_small", input_size=32).eval().requires_grad_(False)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    method = build_method("kdiga", {"gamma": 10.0, "grad_norm": "l2_squared_per_example"})
+    grads = []
+    for model in (ours, native):  # float64, so that summation order cannot hide a difference
+        model, t64 = copy.deepcopy(model).double(), copy.deepcopy(teacher).double()
+        method(model, t64, Batch(x.double(), y), StepInfo(0, 0, 1, 1)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    # bf16 autocast keeps the native layer (a custom backward would meet mixed dtypes).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method(ours, teacher, Batch(x, y), StepInfo(0, 0, 1, 1)).loss.backward()

@@ -6,7 +6,7 @@ from torch import nn
 
 from robustkd.errors import ConfigError
 from robustkd.models._factory import register_model
-from robustkd.models.layers import Residual
+from robustkd.models.layers import DepthwiseConv2d, Residual
 
 SANDLER_2018 = "Sandler et al. 2018, MobileNetV2 (arXiv:1801.04381), CIFAR variant"
 
@@ -30,10 +30,12 @@ def _round8(channels: float) -> int:
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
+    conv = (
+        DepthwiseConv2d(cin, kernel, stride, kernel // 2)
+        if groups == cin == cout
+        else nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+    )
+    layers: list[nn.Module] = [conv, nn.BatchNorm2d(cout)]
     if act:
         layers.append(nn.ReLU6())
     return nn.Sequential(*layers)
