@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import attacks, bounds, common, methods, reference
+from benchmarks import attacks, bounds, common, depthwise, methods, reference
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "methods": methods.run,
     "attacks": attacks.run,
     "bounds": bounds.run,
     "reference": reference.run,
+    "depthwise": depthwise.run,
 }
 
 

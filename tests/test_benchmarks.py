@@ -75,6 +75,8 @@ def test_comparisons_are_like_for_like(quick):
         assert row["bound_max_abs_diff"] <= 1e-4 * max(1.0, row["bound_max_abs"])
     for row in _by_name(result, "reference")["rows"]:
         assert row["loss_rel_diff"] < 1e-4, row
+    (row,) = _by_name(result, "depthwise")["rows"]
+    assert row["grad_max_rel_diff"] < 1e-4, row
 
 
 def test_only_runs_one_part(capsys):
