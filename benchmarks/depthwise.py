@@ -33,6 +33,15 @@ def _native(model: nn.Module) -> nn.Module:
     return native
 
 
+def _convolution_calls(step) -> int:
+    """Convolutions one step launches (forward, backward and double backward), counted by the profiler."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::convolution")
+
+
 def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> dict[str, Any]:
     repeats = repeats or (1 if quick else 3)
     batch, width = (4, 0.25) if quick else (32, 1.0)
@@ -60,12 +69,14 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> di
     fns["kdiga_native"]()
     grads = [torch.cat([p.grad.flatten() for p in s.parameters()]) for s in (ours, native)]
     grad_diff = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+    calls = {side: _convolution_calls(fns[f"kdiga_{side}"]) for side in ("ours", "native")}
     samples = interleaved(fns, repeats, warmup=1)
     row = {
         "time_ms": {name: ms(median(values)) for name, values in samples.items()},
         "kdiga_speedup": round(median(round_ratios(samples["kdiga_native"], samples["kdiga_ours"])), 3),
         "kd_ratio": round(median(round_ratios(samples["kd_native"], samples["kd_ours"])), 3),
         "grad_max_rel_diff": grad_diff,
+        "kdiga_convolution_calls": calls,
     }
     return {
         "benchmark": "depthwise",

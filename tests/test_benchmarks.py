@@ -77,6 +77,7 @@ def test_comparisons_are_like_for_like(quick):
         assert row["loss_rel_diff"] < 1e-4, row
     (row,) = _by_name(result, "depthwise")["rows"]
     assert row["grad_max_rel_diff"] < 1e-4, row
+    assert row["kdiga_convolution_calls"]["native"] > 2 * row["kdiga_convolution_calls"]["ours"], row
 
 
 def test_only_runs_one_part(capsys):
