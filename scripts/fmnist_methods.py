@@ -71,11 +71,11 @@ def main() -> None:
     teacher = str(out / "teacher" / "best")
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    student = ["--model.arch", args.student] if args.student else []
-    student += ["--model.args", args.student_args] if args.student_args else []
-    distill = {m: [*exe, "distill", "--config", f"configs/fmnist/{m}.yaml", "--name", m] for m in methods}
-    for cmd in distill.values():
-        cmd += ["--teacher", teacher, *common, *student, *shlex.split(args.distill_args)]
+    extra = ["--teacher", teacher, *common]
+    extra += ["--model.arch", args.student] if args.student else []
+    extra += ["--model.args", args.student_args] if args.student_args else []
+    extra += shlex.split(args.distill_args)
+    distill = {m: [*exe, "distill", "--config", f"configs/fmnist/{m}.yaml", "--name", m, *extra] for m in methods}
 
     def evaluate(name: str) -> tuple[list[str], float]:
         cmd = [*exe, "evaluate", "--model", str(out / name / "best"), "--protocol", "linf-0.1"]

@@ -126,8 +126,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the backward would meet bf16 gradients and float32 saved tensors: native path.
-        native = not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
-        if native or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         out = _DepthwiseConv.apply(x, self.weight, self.stride, self.padding, self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
