@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from robustkd._version import __version__
 
 if TYPE_CHECKING:
     from robustkd.config import TrainConfig

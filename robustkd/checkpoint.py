@@ -32,7 +32,7 @@ REQUIRED = ("arch", "num_classes", "input_shape", "mean", "std")
 
 
 def _version() -> str:
-    from robustkd import __version__
+    from robustkd._version import __version__
 
     return __version__
 

@@ -12,7 +12,7 @@ from robustkd.attacks.checks import (
     RobustnessWarning,
     ZeroGradientWarning,
 )
-from robustkd.attacks.engine import AttackResult, attack_mode, check_unit_range, perturb
+from robustkd.attacks.engine import AttackResult, attack_mode, check_unit_range, perturb, pgd
 from robustkd.attacks.objectives import (
     OBJECTIVES,
     ConfidenceGap,
@@ -55,5 +55,6 @@ __all__ = [
     "get_attack",
     "make_objective",
     "perturb",
+    "pgd",
     "register_objective",
 ]

@@ -177,6 +177,46 @@ def _check_inputs(
         raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
 
 
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    objective: str | Objective = "ce",
+    *,
+    teacher: nn.Module | None = None,
+    reference: Tensor | None = None,
+    mode: str = "eval",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The training-time attack: ``threat.steps`` PGD steps on the whole batch, returning the last iterate.
+
+    No scoring, no best-iterate tracking, no restarts, no early stop, and no host synchronisation: the cost
+    of a hand-written PGD loop. The [0, 1] range of ``x`` is not checked here; it is checked once where the
+    data enters (the training engine builds batches from uint8 images). ``mode`` is the model's mode during
+    the attack (the teacher is always in eval mode); both are restored. Evaluation, which wants the best
+    iterate, restarts and only the points still robust, calls :func:`perturb`.
+    """
+    obj = make_objective(objective)
+    x, y = x.detach(), y.detach().long()
+    ref = reference.detach() if reference is not None else None
+    t_net = teacher if obj.needs_teacher else None
+    if threat.eps == 0:
+        return x.clone()
+    with attack_mode(model, teacher, mode), torch.enable_grad():
+        x_adv = _start(x, threat, generator)
+        for _ in range(threat.steps):
+            inp = x_adv.detach().requires_grad_(True)
+            t_logits = t_net(inp) if t_net is not None else None
+            value = obj.value(model(inp), y, teacher_logits=t_logits, reference=ref)
+            (grad,) = torch.autograd.grad(value.sum(), inp, allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(inp)
+            with torch.no_grad():
+                x_adv = _step(inp, grad, x, threat)
+    return x_adv.detach()
+
+
 def perturb(
     model: nn.Module,
     x: Tensor,

@@ -122,6 +122,31 @@ class ThreatModel:
             base = _parse_preset(name)
         return base.replace(**overrides) if overrides else base
 
+    @classmethod
+    def parse(cls, value: Any, default: ThreatModel | None = None, field: str = "threat") -> ThreatModel:
+        """The one way a threat model enters robustkd, at the edge (config file, command line, API call).
+
+        ``value`` is a ThreatModel, a preset or parsed name (``"linf-0.1"``, ``"linf-8/255"``), or a mapping
+        of fields; fields a mapping leaves out come from ``default`` (the caller's defaults), else from the
+        dataclass. Every failure is a ConfigError that names ``field``.
+        """
+        if isinstance(value, ThreatModel):
+            return value
+        try:
+            if isinstance(value, str):
+                return cls.preset(value)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - set(_FIELDS))
+                if unknown:
+                    raise ConfigError(f"unknown field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
+                return (default or cls()).replace(**value)
+        except (ConfigError, RegistryError) as err:
+            raise ConfigError(f"{field}: {err}") from None
+        raise ConfigError(
+            f"{field}: expected a protocol name such as 'linf-0.1' or a mapping of {', '.join(_FIELDS)}, "
+            f"got {type(value).__name__}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings, with the step size actually used."""
         out = dataclasses.asdict(self)

@@ -43,8 +43,8 @@ def certify_checkpoints(
     killed run started again with the same arguments continues from them and gives the same result.
     """
     from robustkd.checkpoint import load_model, resolve
-    from robustkd.engine.loop import resolve_device
     from robustkd.evaluate.checkpoint_eval import load_test_points
+    from robustkd.runtime import resolve_device
 
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps <= 1:
         raise ConfigError(f"eps: must be a number in [0, 1] (images live in [0, 1]), got {eps!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 import warnings
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +25,7 @@ from robustkd.engine.state import STATE_FILE, load_state, save_state
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.io import atomic_write_json, atomic_write_text, preflight_write
 from robustkd.methods import Batch, StepInfo, build_method
+from robustkd.runtime import derive_seed, freeze, resolve_device, seed_everything
 
 
 class TrainingError(RobustKDError):
@@ -40,39 +39,6 @@ class TrainResult:
     last: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] = field(default_factory=dict)
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """A seed per (run seed, epoch, ...) so every epoch replays identically after a resume."""
-    value = seed & 0xFFFFFFFF
-    for part in parts:
-        value = (value * 1_000_003 + part + 1) & 0x7FFFFFFF
-    return value
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: CUDA was asked for but is not available; use --device cpu or auto")
-    return device
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """A teacher: eval mode, no parameter gradients, ever."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 @contextmanager

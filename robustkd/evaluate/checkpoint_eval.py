@@ -51,8 +51,8 @@ def evaluate_checkpoint(
     result. The file is removed once the result is written.
     """
     from robustkd.checkpoint import load_model, resolve
-    from robustkd.engine.loop import resolve_device
     from robustkd.evaluate.robustness import _resolve_attacks, evaluate_robustness, resolve_protocol
+    from robustkd.runtime import resolve_device
 
     resolve_protocol(protocol)  # bad names fail before the model and the data are loaded
     _resolve_attacks(attacks)

@@ -707,9 +707,9 @@ def evaluate_faithfulness_checkpoints(
     is removed once the result is written.
     """
     from robustkd.checkpoint import load_model, resolve
-    from robustkd.engine.loop import resolve_device
     from robustkd.evaluate import checkpoint_eval
     from robustkd.io import atomic_write_json
+    from robustkd.runtime import resolve_device
 
     threats = _threats(eps, norm, steps, restarts, step_size)  # nonsense fails before any loading
     dev = resolve_device(device)

@@ -48,7 +48,7 @@ def make_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; give a folder for the report")
-    from robustkd.engine.loop import resolve_device
+    from robustkd.runtime import resolve_device
 
     dev = resolve_device(device)
     teachers, students = collect.find_models(paths, settings.checkpoint, teacher)

@@ -178,7 +178,7 @@ def protocol_name(eps: float) -> str:
 def _cached(
     kind: str, model: Model, key: dict[str, Any], compute: Callable[[Path], Any], ctx: Context, what: str
 ) -> tuple[dict[str, Any], Path]:
-    from robustkd import __version__
+    from robustkd._version import __version__
 
     full = {"kind": kind, "robustkd_version": __version__, "device_type": ctx.device_type, **key}
     digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
