@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from robustkd.errors import CheckpointError, RobustKDError
+from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "robustkd-checkpoint"
@@ -275,3 +275,27 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a state dict (names mapped to tensors)")
     # Weights saved from nn.DataParallel / DDP carry a 'module.' prefix.
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def check_compatible(teacher: Mapping[str, Any], student: Mapping[str, Any], *, what: str = "teacher") -> None:
+    """Refuse a teacher and a student (or a dataset's description) that differ in classes or input shape.
+
+    Both sides are sidecar-like mappings (``num_classes``, ``input_shape``); a key missing on either side is
+    not compared (a foreign ``.pt`` file does not describe itself). The one compatibility rule every
+    command applies: the engine before distilling, the jobs before evaluating or certifying a pair.
+    """
+    problems = []
+    for key, name in (("num_classes", "classes"), ("input_shape", "input shape")):
+        if teacher.get(key) is not None and student.get(key) is not None:
+            a, b = teacher[key], student[key]
+            a, b = (tuple(a), tuple(b)) if key == "input_shape" else (int(a), int(b))
+            if a != b:
+                problems.append(
+                    f"{name} {list(a) if isinstance(a, tuple) else a} vs {list(b) if isinstance(b, tuple) else b}"
+                )
+    if problems:
+        raise ConfigError(
+            f"{what}: teacher and student differ in "
+            + "; ".join(problems)
+            + " (distillation, faithfulness and certificates compare the two on the same inputs and classes)"
+        )
