@@ -1,4 +1,4 @@
-"""Attacks: threat models, objectives, the PGD engine, the AutoAttack adapter and named recipes.
+"""Attacks: threat models, objectives, the flat PGD loop, the evaluation search, AutoAttack and named recipes.
 
 Inputs are images in [0, 1]; gradients are taken with respect to the input only; the model mode during
 an attack is explicit and restored afterwards.
@@ -12,7 +12,7 @@ from robustkd.attacks.checks import (
     RobustnessWarning,
     ZeroGradientWarning,
 )
-from robustkd.attacks.engine import AttackResult, attack_mode, check_unit_range, perturb, pgd
+from robustkd.attacks.engine import check_unit_range, perturb
 from robustkd.attacks.objectives import (
     OBJECTIVES,
     ConfidenceGap,
@@ -26,7 +26,9 @@ from robustkd.attacks.objectives import (
     make_objective,
     register_objective,
 )
+from robustkd.attacks.pgd import attack_mode, pgd
 from robustkd.attacks.recipes import ATTACKS, AttackRecipe, get_attack
+from robustkd.attacks.search import AttackResult
 from robustkd.attacks.threat import PRESETS, ThreatModel
 
 __all__ = [

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from robustkd.attacks.checks import AutoAttackWarning
-from robustkd.attacks.engine import attack_mode, check_unit_range
+from robustkd.attacks.engine import check_unit_range
+from robustkd.attacks.pgd import attack_mode
 from robustkd.errors import ConfigError, RobustKDError
 
 VERSIONS = ("standard", "rand")
