@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 from robustkd.attacks import (
     ATTACKS,
@@ -27,7 +29,9 @@ from robustkd.attacks import (
     get_attack,
     make_objective,
     perturb,
+    pgd,
 )
+from robustkd.attacks.search import search
 from robustkd.errors import ConfigError, RegistryError, RobustKDError
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,6 +176,90 @@ def test_preset_values_and_parsing():
         ThreatModel.preset("linf-0.l")
     with pytest.raises(ConfigError, match="eps"):
         ThreatModel.preset("linf-2")
+
+
+def test_threat_parse_every_accepted_form():
+    t = ThreatModel(eps=0.2, steps=3)
+    assert ThreatModel.parse(t) is t
+    assert ThreatModel.parse("linf-8/255") == PRESETS.get("linf-8/255")
+    assert ThreatModel.parse("linf-4/255") == ThreatModel(eps=4 / 255)
+    assert ThreatModel.parse("L2-1.5") == ThreatModel("l2", 1.5)
+    assert ThreatModel.parse("linf-0.1", default=t) == PRESETS.get("linf-0.1")  # a default fills mappings only
+    assert ThreatModel.parse({"eps": 0.05}) == ThreatModel(eps=0.05)
+    assert ThreatModel.parse({"eps": 0.05}, default=t) == ThreatModel(eps=0.05, steps=3)
+    assert ThreatModel.parse({}, default=t) == t
+    assert ThreatModel.parse(MappingProxyType({"norm": "L2", "eps": 2.0})) == ThreatModel("l2", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("linf-0.l", r"^method\.attack: .*'linf-0\.1'"),  # close matches are listed
+        ("fgsm", r"^method\.attack: .*linf-<eps>"),
+        ("linf-2", r"^method\.attack: eps: "),
+        ("linf-1/0", r"^method\.attack: .*division by zero"),
+        ({"eps": 0.1, "stepz": 3}, r"^method\.attack: unknown field 'stepz' \(fields: norm, eps, "),
+        ({"eps": 0.1, 3: 1}, r"^method\.attack: unknown field 3 "),
+        ({"steps": 0}, r"^method\.attack: steps: "),
+        ({"eps": "0.1"}, r"^method\.attack: eps: "),
+        ({"norm": "l1"}, r"^method\.attack: norm: "),
+        (None, r"^method\.attack: expected a protocol name .* got NoneType"),
+        (0.1, r"^method\.attack: expected a protocol name .* got float"),
+        (["linf", 0.1], r"^method\.attack: expected a protocol name .* got list"),
+    ],
+)
+def test_threat_parse_failures_name_the_field(value, match):
+    with pytest.raises(ConfigError, match=match):
+        ThreatModel.parse(value, field="method.attack")
+
+
+def test_threat_parse_default_field_name():
+    with pytest.raises(ConfigError, match=r"^threat: "):
+        ThreatModel.parse(None)
+    with pytest.raises(ConfigError, match=r"^threat: steps: "):
+        ThreatModel.parse({"steps": -1})
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_preset_name_is_its_key_and_parses_back(name):
+    t = PRESETS.get(name)
+    assert t.name == name
+    assert ThreatModel.parse(t.name).eps == t.eps and ThreatModel.parse(t.name).norm == t.norm
+
+
+@pytest.mark.parametrize(
+    ("threat", "name"),
+    [
+        (ThreatModel(eps=0.1, steps=3), "linf-0.1"),
+        (ThreatModel(eps=0.2), "linf-0.2"),  # 51/255 too, but the short decimal reads better
+        (ThreatModel(eps=4 / 255), "linf-4/255"),
+        (ThreatModel(eps=16 / 255, step_size=None), "linf-16/255"),
+        (ThreatModel(eps=0.5 / 255), "linf-0.00196078431372549"),  # no exact k/255: every digit
+        (ThreatModel(eps=1e-5), "linf-0.00001"),  # the name pattern has no exponent
+        (ThreatModel(eps=1.0), "linf-1"),
+        (ThreatModel(eps=0.0), "linf-0"),
+        (ThreatModel(eps=-0.0), "linf-0"),
+        (ThreatModel("l2", 2.0), "l2-2"),
+        (ThreatModel("L2", 0.5, steps=7), "l2-0.5"),
+    ],
+)
+def test_threat_name(threat, name):
+    assert threat.name == name
+    back = ThreatModel.parse(name)
+    assert back.eps == threat.eps and back.norm == threat.norm
+
+
+def test_threat_to_dict_is_the_fields_and_alpha():
+    t = ThreatModel.preset("linf-8/255")
+    assert t.to_dict() == {
+        "norm": "linf",
+        "eps": 8 / 255,
+        "step_size": 2 / 255,
+        "steps": 10,
+        "restarts": 1,
+        "random_start": "uniform",
+        "alpha": 2 / 255,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -609,6 +697,178 @@ def test_rounding_noise_in_range_is_accepted():
     x = torch.rand(2, 12)
     x[0, 0] = 1 + 5e-7
     perturb(mlp(), x, torch.zeros(2, dtype=torch.long), ThreatModel(steps=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The flat training-time loop: a hand-written PGD, the search without its extras, no host synchronisation
+
+
+def _hand_written_pgd(model, x, y, threat, generator):
+    """PGD with CE as the papers write it: a start in the ball (Linf: uniform; L2: none), then sign (Linf) or
+    normalised (L2) steps, each projected onto the ball and clipped to [0, 1]."""
+    eps, alpha = threat.eps, threat.alpha
+    if threat.random_start == "uniform":
+        x_adv = (x + ((2 * torch.rand(x.shape, generator=generator) - 1) * eps).clamp(-eps, eps)).clamp(0, 1)
+    else:
+        x_adv = x.clone()
+    for _ in range(threat.steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        with torch.no_grad():
+            if threat.norm == "linf":
+                delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)
+            else:
+                delta = x_adv + alpha * g / g.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12) - x
+                size = delta.flatten(1).norm(dim=1, keepdim=True)
+                delta = delta * torch.where(size > eps, eps / size.clamp_min(1e-12), torch.ones_like(size))
+            x_adv = (x + delta).clamp(0, 1)
+    return x_adv
+
+
+@pytest.mark.parametrize(
+    "threat",
+    [
+        ThreatModel("linf", 0.1, steps=7),
+        ThreatModel("linf", 0.1, step_size=0.1, steps=3, random_start="none"),
+        ThreatModel("l2", 0.5, steps=6, random_start="none"),
+    ],
+)
+def test_pgd_is_a_hand_written_pgd_loop(threat):
+    model = mlp(hidden=32)
+    x, y = torch.rand(16, 12), torch.randint(0, 4, (16,))
+    x[:3] = 0.0  # points on the box edge
+    ours = pgd(model, x, y, threat, generator=torch.Generator().manual_seed(4))
+    expected = _hand_written_pgd(model, x, y, threat, torch.Generator().manual_seed(4))
+    assert torch.equal(ours, expected)
+    assert (ours != x).any()
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("objective", ["ce", "cw", "kl", "mismatch", "disagreement", "confidence_gap"])
+@pytest.mark.parametrize(
+    ("threat", "mode"),
+    [
+        (ThreatModel("linf", 0.1, steps=4), "eval"),
+        (ThreatModel("linf", 0.1, steps=4, random_start="normal"), "train"),
+        (ThreatModel("l2", 0.5, steps=4), "eval"),
+        (ThreatModel("l2", 0.5, steps=4, random_start="none"), "train"),
+        (ThreatModel("linf", 0.0), "eval"),
+    ],
+)
+def test_pgd_is_perturb_without_search(objective, threat, mode):
+    model, teacher = bn_net(), mlp(seed=5)
+    x, y = torch.rand(16, 12), torch.randint(0, 4, (16,))
+    ref = torch.softmax(teacher(x), 1).detach()
+    kwargs = {"teacher": teacher, "reference": ref if objective == "kl" else None, "mode": mode}
+
+    def run(attack, **flags):
+        generator = torch.Generator().manual_seed(2)
+        torch.manual_seed(0)  # the BatchNorm model has no dropout, but keep the global stream equal too
+        out = attack(model, x, y, threat, objective, generator=generator, **kwargs, **flags)
+        return out if torch.is_tensor(out) else out.x_adv
+
+    flat = run(pgd)
+    assert torch.equal(flat, run(perturb, early_stop=False, track_best=False))
+    # The search's own whole-batch path (no freezing, no tracking) is the same loop.
+    assert torch.equal(flat, run(search, early_stop=False, track_best=False))
+    z, labels = torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)
+    if make_objective(objective).success(z, labels, teacher_logits=z, reference=z.softmax(1)) is None:
+        # Nothing can freeze without a success criterion: early stop changes nothing.
+        assert torch.equal(flat, run(perturb, early_stop=True, track_best=False))
+
+
+class HostSync(AssertionError):
+    """A call that reads a device value back to the host (a device synchronisation on an accelerator)."""
+
+
+def _has_mask(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make every way of reading a tensor back to the host raise HostSync (undo with monkeypatch.undo())."""
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            raise HostSync(what)
+
+        return call
+
+    for name in ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    monkeypatch.setattr(torch, "nonzero", refuse("torch.nonzero"))
+    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def getitem(self, index):
+        if _has_mask(index):
+            raise HostSync("boolean-mask indexing")
+        return get(self, index)
+
+    def setitem(self, index, value):
+        if _has_mask(index):
+            raise HostSync("boolean-mask assignment")
+        return put(self, index, value)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
+
+
+def test_the_sync_harness_catches_syncs(no_host_sync):
+    t = torch.tensor([0.5, 1.0, 0.0])
+    calls = [
+        t.sum().item,
+        t.tolist,
+        t.nonzero,
+        lambda: torch.nonzero(t),
+        lambda: bool(t.any()),
+        lambda: float(t.sum()),
+        lambda: t[t > 0.2],
+        lambda: t.__setitem__(t > 0.2, 0.0),
+    ]
+    for call in calls:
+        with pytest.raises(HostSync):
+            call()
+    assert t[1:].shape == (2,) and t[torch.tensor([0, 2])].shape == (2,)  # plain indexing still works
+    model = mlp()
+    x, y = torch.rand(4, 12), torch.zeros(4, dtype=torch.long)
+    # perturb checks the [0, 1] range of its input (two values read back), even for the training-time flags.
+    with pytest.raises(HostSync, match="item"):
+        perturb(model, x, y, ThreatModel(steps=2), early_stop=False, track_best=False)
+    # The search decides on the host which points are still robust.
+    with pytest.raises(HostSync):
+        search(model, x, y, ThreatModel(steps=2))
+
+
+@pytest.mark.parametrize("objective", ["ce", "cw", "mismatch", "kl", "disagreement"])
+@pytest.mark.parametrize("threat", [ThreatModel("linf", 0.1, steps=3), ThreatModel("l2", 0.5, steps=3)])
+def test_pgd_makes_no_host_sync(objective, threat, monkeypatch, no_host_sync):
+    model, teacher = bn_net(), mlp(seed=5)
+    model.train()
+    x, y = torch.rand(8, 12), torch.randint(0, 4, (8,))
+    ref = torch.softmax(teacher(x), 1).detach()
+    x_adv = pgd(model, x, y, threat, objective, teacher=teacher, reference=ref, mode="train")
+    monkeypatch.undo()
+    assert x_adv.shape == x.shape and (x_adv != x).any() and model.training
+    size = (x_adv - x).abs().amax(1) if threat.norm == "linf" else (x_adv - x).norm(dim=1)
+    assert size.max() <= threat.eps + 1e-6
+
+
+def test_pgd_checks_its_mode_but_not_the_input_range():
+    model = mlp()
+    x, y = torch.full((2, 12), 0.5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ConfigError, match="^mode:"):
+        pgd(model, x, y, ThreatModel(eps=0.0), mode="training")
+    # Out-of-range inputs are the caller's business on the training path (checked where data enters).
+    assert pgd(model, x + 1, y, ThreatModel(steps=1)).shape == x.shape
+
+    class Detached(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.detach())
+
+    with pytest.raises(RobustKDError, match="does not depend on the input"):
+        pgd(Detached(12, 4), x, y, ThreatModel(steps=1))
 
 
 # ---------------------------------------------------------------------------------------------------

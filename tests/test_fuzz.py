@@ -220,6 +220,34 @@ def test_threat_replace_raises_only_config_errors(changes):
     assert t == ThreatModel(t.norm, t.eps, t.step_size, t.steps, t.restarts, t.random_start)
 
 
+@given(
+    value=st.one_of(
+        st.text(max_size=12), anything, st.dictionaries(fields, anything, max_size=3), st.builds(ThreatModel)
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_threat_parse_raises_only_config_errors_naming_the_field(value):
+    try:
+        t = ThreatModel.parse(value, field="validate.protocol")
+    except ConfigError as err:
+        assert str(err).startswith("validate.protocol: ")
+        return
+    assert isinstance(t, ThreatModel) and t.eps >= 0 and (t.norm != "linf" or t.eps <= 1)
+
+
+@given(
+    norm=st.sampled_from(["linf", "l2"]),
+    eps=st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False),
+)
+@settings(max_examples=300, deadline=None)
+def test_threat_name_parses_back_to_the_same_ball(norm, eps):
+    if norm == "linf":
+        eps = min(eps, 1.0)
+    t = ThreatModel(norm, eps, step_size=None)
+    back = ThreatModel.parse(t.name)
+    assert (back.norm, back.eps) == (t.norm, t.eps)
+
+
 @given(protocol=st.one_of(st.text(max_size=12), anything, st.from_regex(r"(linf|l2)-[0-9./]{1,6}", fullmatch=True)))
 @settings(max_examples=300, deadline=None)
 def test_protocol_names_raise_only_config_errors(protocol):

@@ -6,7 +6,9 @@ import dataclasses
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from robustkd.errors import ConfigError, RegistryError
@@ -103,6 +105,15 @@ class ThreatModel:
         """The step size used: ``step_size``, or ``2.5 * eps / steps`` when it is None."""
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
+    @property
+    def name(self) -> str:
+        """The protocol name of this ball, e.g. ``"linf-0.1"`` or ``"linf-8/255"``; it parses back to the same eps.
+
+        It names the norm and the radius only: ``ThreatModel.parse(t.name)`` has ``t``'s norm and eps (exactly),
+        and the preset's budget or the default step rule, not necessarily ``t``'s steps and step size.
+        """
+        return f"{self.norm}-{_eps_text(self.eps)}"
+
     def replace(self, **changes: Any) -> ThreatModel:
         """A copy with some fields changed, validated again."""
         try:
@@ -135,8 +146,8 @@ class ThreatModel:
         try:
             if isinstance(value, str):
                 return cls.preset(value)
-            if isinstance(value, dict):
-                unknown = sorted(set(value) - set(_FIELDS))
+            if isinstance(value, Mapping):
+                unknown = [key for key in value if key not in _FIELDS]
                 if unknown:
                     raise ConfigError(f"unknown field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
                 return (default or cls()).replace(**value)
@@ -155,6 +166,18 @@ class ThreatModel:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ThreatModel))
+
+
+def _eps_text(eps: float) -> str:
+    """eps as a protocol name writes it: a short decimal, else k/255 when that is exact, else every digit."""
+    eps += 0.0  # -0.0 (allowed: it is not < 0) becomes 0.0, so the name never reads "linf--0"
+    k = round(eps * 255)
+    if float(f"{eps:.6g}") != eps and k / 255 == eps:
+        return f"{k}/255"
+    # Positional digits of the shortest repr (the name pattern has no exponent): float(text) == eps.
+    text = format(Decimal(repr(eps)), "f")
+    return text.removesuffix(".0")
+
 
 PRESETS: Registry[ThreatModel] = Registry("threat-model preset")
 # Step sizes follow METHODS.md section 9: 0.01 for the MNIST-like protocols (Madry, TRADES), 2/255 for
