@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustkd.data import cache, cifar, idx, imagefolder, sources
+# The sibling modules themselves, not the package: its __init__ imports this module.
+import robustkd.data.cache as cache
+import robustkd.data.cifar as cifar
+import robustkd.data.idx as idx
+import robustkd.data.imagefolder as imagefolder
+import robustkd.data.sources as sources
 from robustkd.data.base import Dataset, DatasetInfo, Split
 from robustkd.data.sources import (
     RESOURCES,

@@ -42,24 +42,30 @@ def parse_records(data: bytes, where: str, num_classes: int = 10) -> tuple[np.nd
     return records[:, 1:].reshape(-1, *_SHAPE).copy(), labels
 
 
+def _read_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, wanted: set[str], found: dict[str, bytes]
+) -> None:
+    """Add ``member``'s bytes to ``found`` when it is one of the ``wanted`` files; refuse unsafe names."""
+    if is_unsafe_member(member.name):
+        raise DataError(f"{path}: refusing the archive, member {member.name!r} has an absolute path or '..'")
+    base = PurePosixPath(member.name).name
+    if base not in wanted or not member.isfile():
+        return
+    if base in found:
+        raise DataError(f"{path}: holds {base} twice; cannot tell which one to use")
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise DataError(f"{path}: cannot read member {member.name!r}")
+    found[base] = handle.read()
+
+
 def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
             # Walk in archive order: random access into a gzip stream would rewind and re-inflate.
             for member in tar:
-                if is_unsafe_member(member.name):
-                    raise DataError(
-                        f"{path}: refusing the archive, member {member.name!r} has an absolute path or '..'"
-                    )
-                base = PurePosixPath(member.name).name
-                if base in wanted and member.isfile():
-                    if base in found:
-                        raise DataError(f"{path}: holds {base} twice; cannot tell which one to use")
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        raise DataError(f"{path}: cannot read member {member.name!r}")
-                    found[base] = handle.read()
+                _read_member(tar, member, path, wanted, found)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise DataError(f"{path}: corrupt or truncated tar.gz archive ({err}); delete it and fetch it again") from err
     return found

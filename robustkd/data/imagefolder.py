@@ -63,15 +63,48 @@ def _zip_prefix(names: list[str]) -> str:
     return ""
 
 
-def _scan_zip(path: Path) -> Tree:
+def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         # Reading a modest archive whole saves a seek and a read call per member (60 000 for CIFAR-10).
         size = path.stat().st_size
-        archive = zipfile.ZipFile(io.BytesIO(path.read_bytes()) if size < _IN_MEMORY_ZIP else path)
+        return zipfile.ZipFile(io.BytesIO(path.read_bytes()) if size < _IN_MEMORY_ZIP else path)
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise DataError(f"{path}: not a readable zip archive ({err}); it may be truncated") from err
+
+
+def _add_zip_entry(tree: Tree, info: zipfile.ZipInfo, prefix: str, path: Path) -> None:
+    """File one archive member under its split and class, or skip it (litter, files beside the splits)."""
+    if not info.filename.startswith(prefix):
+        return
+    parts = info.filename[len(prefix) :].rstrip("/").split("/")
+    if any(_ignored(p) for p in parts) or parts[0] not in SPLITS:
+        return  # READMEs, licences and other files beside the splits
+    where = f"{path}:{info.filename}"
+    classes = tree.setdefault(parts[0], {})
+    if info.is_dir():
+        if len(parts) == 2:
+            classes.setdefault(parts[1], [])
+        elif len(parts) > 2:
+            raise DataError(f"{where}: nested folder inside a class folder; {_LAYOUT}")
+        return
+    _check_image_name(parts, where)
+    classes.setdefault(parts[1], []).append(_Item(where, member=info))
+
+
+def _read_zip_items(archive: zipfile.ZipFile, tree: Tree) -> None:
+    for classes in tree.values():
+        for items in classes.values():  # archive order is arbitrary; match the sorted folder listing
+            items.sort(key=lambda item: item.where)
+    for item in (item for classes in tree.values() for items in classes.values() for item in items):
+        try:
+            item.data = archive.read(item.member)  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
+            raise DataError(f"{item.where}: corrupt zip member ({err}); the archive is damaged") from err
+
+
+def _scan_zip(path: Path) -> Tree:
     tree: Tree = {}
-    with archive:
+    with _open_zip(path) as archive:
         infos = archive.infolist()
         unsafe = [i.filename for i in infos if is_unsafe_member(i.filename)]
         if unsafe:
@@ -81,29 +114,8 @@ def _scan_zip(path: Path) -> Tree:
             )
         prefix = _zip_prefix([i.filename for i in infos])
         for info in infos:
-            if not info.filename.startswith(prefix):
-                continue
-            parts = info.filename[len(prefix) :].rstrip("/").split("/")
-            if any(_ignored(p) for p in parts) or parts[0] not in SPLITS:
-                continue  # READMEs, licences and other files beside the splits
-            where = f"{path}:{info.filename}"
-            classes = tree.setdefault(parts[0], {})
-            if info.is_dir():
-                if len(parts) == 2:
-                    classes.setdefault(parts[1], [])
-                elif len(parts) > 2:
-                    raise DataError(f"{where}: nested folder inside a class folder; {_LAYOUT}")
-                continue
-            _check_image_name(parts, where)
-            classes.setdefault(parts[1], []).append(_Item(where, member=info))
-        for classes in tree.values():
-            for items in classes.values():  # archive order is arbitrary; match the sorted folder listing
-                items.sort(key=lambda item: item.where)
-        for item in (item for classes in tree.values() for items in classes.values() for item in items):
-            try:
-                item.data = archive.read(item.member)  # type: ignore[arg-type]
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
-                raise DataError(f"{item.where}: corrupt zip member ({err}); the archive is damaged") from err
+            _add_zip_entry(tree, info, prefix, path)
+        _read_zip_items(archive, tree)
     return tree
 
 
