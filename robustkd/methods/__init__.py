@@ -7,7 +7,16 @@ Every module of this package other than the shared ones (``base``, ``common``, `
 import importlib
 import pkgutil
 
-from robustkd.methods.base import METHODS, Batch, Method, Output, StepInfo, build_method, register_method
+from robustkd.methods.base import (
+    METHODS,
+    Batch,
+    DeprecatedOptionWarning,
+    Method,
+    Output,
+    StepInfo,
+    build_method,
+    register_method,
+)
 
 SHARED_MODULES = frozenset({"base", "common", "losses"})
 
@@ -20,4 +29,13 @@ def _import_method_modules() -> None:
 
 _import_method_modules()
 
-__all__ = ["METHODS", "Batch", "Method", "Output", "StepInfo", "build_method", "register_method"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "DeprecatedOptionWarning",
+    "Method",
+    "Output",
+    "StepInfo",
+    "build_method",
+    "register_method",
+]

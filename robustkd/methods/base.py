@@ -53,6 +53,8 @@ class Method:
 
     A method never moves tensors between devices, wraps models or logs by itself; it may call
     ``robustkd.attacks`` for an inner maximisation and must state the model mode it uses there.
+    A method with a ball (an attack's, or a certified method's training radius) has one field ``threat``, a
+    :class:`robustkd.attacks.ThreatModel`; ``getattr(method, "threat", None)`` is None for the others.
     """
 
     name: ClassVar[str] = ""
