@@ -96,9 +96,10 @@ def kd_loss(
 class Term:
     """One named term of a loss: ``weight · value()``.
 
-    ``value`` runs only when ``weight > 0``, so an unused term costs nothing (often a forward pass or an attack).
-    It returns a tensor, logged under ``name``, or a dict of named parts, summed in order before weighting and
-    each logged under its own name (a bracket such as ``a·(KL_teacher + KL_self)``).
+    ``value`` runs only when ``weight > 0``: a method skips the passes an unused term would need (a forward, an
+    attack), and the term's inputs may then be None. It returns a tensor, logged under ``name``, or a dict of
+    named parts, summed in order before weighting and each logged under its own name (a bracket such as
+    ``a·(KL_teacher + KL_self)``).
     """
 
     name: str
