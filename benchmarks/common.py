@@ -163,7 +163,7 @@ def robust_model(quick: bool = False, seed: int = 0) -> tuple[nn.Module, dict[st
     n, epochs, steps = (256, 1, 1) if quick else (10_000, 2, 5)
     x, y, source = load_images(n, seed=seed)
     model = make_model("dm_small", seed=seed).train()
-    method = build_method("pgd_at", {"eps": 0.1, "step_size": 0.025, "steps": steps})
+    method = build_method("pgd_at", {"threat": {"eps": 0.1, "step_size": 0.025, "steps": steps}})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
     info = StepInfo(epoch=0, step=0, epochs=epochs, steps_per_epoch=1)

@@ -44,10 +44,10 @@ TARGET = 1.15
 # Options that put a method in its costliest regime at the benchmark's StepInfo: IAD's introspection
 # starts at epoch 60 by default; from epoch 0 here so that its extra passes are timed.
 OPTIONS: dict[str, dict[str, Any]] = {"iad": {"begin": 0}}
-# Halfway through the certified methods' ramp (1 warm-up epoch, 10 ramp epochs): eps_t = eps_train / 2,
+# Halfway through the certified methods' ramp (1 warm-up epoch, 10 ramp epochs): eps_t = threat.eps / 2,
 # kappa_t and beta_t strictly between their end points, so every declared bound pass runs.
 INFO = StepInfo(epoch=6, step=600, epochs=20, steps_per_epoch=100)
-BOUND_EPS = 0.05  # eps_t of the certified methods at INFO (eps_train 0.1)
+BOUND_EPS = 0.05  # eps_t of the certified methods at INFO (threat.eps 0.1)
 NOT_PASSES = {"attack_steps"}  # informational keys of passes()
 
 
@@ -241,8 +241,8 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> di
     methods: dict[str, Method] = {}
     for name in METHODS.names():
         options = dict(OPTIONS.get(name, {}))
-        if quick and "steps" in inspect.signature(METHODS.get(name)).parameters:
-            options["steps"] = 2
+        if quick and "threat" in inspect.signature(METHODS.get(name)).parameters:
+            options["threat"] = {"steps": 2}
         methods[name] = build_method(name, options)
 
     def step_fn(method: Method) -> Callable[[], None]:

@@ -39,11 +39,11 @@ def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 def reference_ard_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, method: Method) -> Tensor:
     """ARD: PGD on CE_sum(S(x'), y) in train mode; α·τ²·KL(p_T^τ(x) ‖ p_S^τ(x')) + (1 − α)·CE(S(x), y)."""
-    eps, step, tau, alpha = method.eps, method.step_size, method.temperature, method.alpha
+    eps, step, tau, alpha = method.threat.eps, method.threat.alpha, method.temperature, method.alpha
     student.train()
     # The same uniform draw as robustkd's start, so both sides take identical steps.
     x_adv = _project(x + (2 * torch.rand(x.shape, device=x.device) - 1) * eps, x, eps)
-    for _ in range(method.steps):
+    for _ in range(method.threat.steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(student(x_adv), y, reduction="sum")
         student.zero_grad()
@@ -58,11 +58,11 @@ def reference_ard_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Ten
 
 def reference_rslad_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, method: Method) -> Tensor:
     """RSLAD: PGD on KL_sum(p_T(x) ‖ p_S(x')) in eval mode; α·KL(p_T(x) ‖ p_S(x')) + (1 − α)·KL(p_T(x) ‖ p_S(x))."""
-    eps, step, alpha = method.eps, method.step_size, method.alpha
+    eps, step, alpha = method.threat.eps, method.threat.alpha, method.alpha
     student.eval()
     target = F.softmax(teacher(x), dim=1)
     x_adv = _project(x + NORMAL_START_STD * torch.randn(x.shape, device=x.device), x, eps)
-    for _ in range(method.steps):
+    for _ in range(method.threat.steps):
         x_adv.requires_grad_(True)
         loss = F.kl_div(F.log_softmax(student(x_adv), dim=1), target.detach(), reduction="sum")
         student.zero_grad()
@@ -83,7 +83,7 @@ REFERENCES: dict[str, Callable[[nn.Module, nn.Module, Tensor, Tensor, Method], T
 
 
 def compare(name: str, x: Tensor, y: Tensor, repeats: int, steps: int | None) -> dict[str, Any]:
-    method = build_method(name, {"steps": steps} if steps else {})
+    method = build_method(name, {"threat": {"steps": steps}} if steps else {})
     reference = REFERENCES[name]
     teacher = frozen(make_model(TEACHER, seed=2))
     ours_student, ref_student = make_model(STUDENT, seed=1).train(), make_model(STUDENT, seed=1).train()
@@ -118,7 +118,7 @@ def compare(name: str, x: Tensor, y: Tensor, repeats: int, steps: int | None) ->
     samples = interleaved(fns, repeats)
     return {
         "method": name,
-        "options": {"steps": method.steps, "eps": method.eps, "step_size": method.step_size},
+        "options": {"steps": method.threat.steps, "eps": method.threat.eps, "step_size": method.threat.alpha},
         "loss_float64": {"ours": ours_loss, "reference": ref_loss},
         "loss_rel_diff": loss_rel_diff,
         "time_ms": {side: ms(median(values)) for side, values in samples.items()},

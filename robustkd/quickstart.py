@@ -48,7 +48,7 @@ def teacher_config(plan: Plan) -> dict[str, Any]:
         "method": {
             "name": "ibp",
             "args": {
-                "eps_train": 1.5 * plan.eps,
+                "threat": {"eps": 1.5 * plan.eps},
                 "warmup_epochs": 1,
                 "ramp_epochs": max(1, epochs // 2),
                 "kappa_start": 1.0,
@@ -63,14 +63,14 @@ def teacher_config(plan: Plan) -> dict[str, Any]:
 
 def student_config(method: str, plan: Plan) -> dict[str, Any]:
     step = min(plan.eps, 2.5 * plan.eps / plan.attack_steps)
-    attack = {"eps": plan.eps, "step_size": step, "steps": plan.attack_steps}
+    attack = {"threat": {"eps": plan.eps, "step_size": step, "steps": plan.attack_steps}}
     args: dict[str, Any] = {
         "kd": {"temperature": 4.0, "alpha": 0.9},
         "kdiga": {"temperature": 4.0, "alpha": 0.9, "gamma": 3.0, "grad_norm": "l2_squared_per_example"},
         "advfunmatch": {**attack, "temperature": 1.0},
         "ard": {**attack, "temperature": 30.0},
         "faithful": {
-            "eps_train": plan.eps,
+            "threat": {"eps": plan.eps},
             "warmup_epochs": 1,
             "ramp_epochs": max(1, plan.faithful_epochs // 2),
             "kappa_max": 0.5,

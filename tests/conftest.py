@@ -32,3 +32,116 @@ def pair():
         y = teacher(x).argmax(1)
     y[:6] = (y[:6] + 1) % 4  # some teacher-wrong points: P is a proper subset
     return teacher.eval(), student.eval(), x, y
+
+
+# --- methods
+# Shared by the method tests (test_adversarial_training, test_distillation, test_certified_training,
+# test_method_interface): closed forms in float64, tiny networks, a one-step batch and forward counters.
+
+from pathlib import Path  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+
+from robustkd.methods import Batch, StepInfo  # noqa: E402
+
+INFO = StepInfo(epoch=0, step=0, epochs=1, steps_per_epoch=1)
+# Small attack budgets keep every step test well under a second.
+FAST_ARGS = {
+    "pgd_at": {"threat": {"eps": 0.1, "step_size": 0.05, "steps": 3}},
+    "trades": {"threat": {"eps": 0.1, "step_size": 0.05, "steps": 3}},
+    "kd": {},
+    "kdiga": {},
+    "advfunmatch": {"threat": {"eps": 0.1, "step_size": 0.05, "steps": 3}},
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Closed forms, written out with exp/log sums (no F.kl_div, no log_softmax), in float64.
+
+S_LOGITS = [[1.0, -0.5, 0.3, 2.0], [0.2, 0.1, -1.2, 0.4], [-2.0, 3.0, 0.5, 0.0]]
+T_LOGITS = [[0.5, 0.0, 1.5, 1.0], [2.0, -1.0, 0.0, 0.3], [0.1, 2.5, 0.2, -0.7]]
+LABELS = [3, 0, 1]
+
+
+def logits64(values: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def softmax_cf(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    e = torch.exp(z / tau)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def kl_cf(p: torch.Tensor, q: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Σ_c p_c (log p_c − log q_c), reduced: batchmean = /B, sum, mean_over_classes = /(B·C)."""
+    total = (p * (torch.log(p) - torch.log(q))).sum()
+    b, c = p.shape
+    return {"batchmean": total / b, "sum": total, "mean_over_classes": total / (b * c)}[reduction]
+
+
+def ce_cf(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    p = softmax_cf(z)
+    return -torch.log(p[torch.arange(len(y)), y]).mean()
+
+
+def grad_of(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    return torch.autograd.grad(fn(*leaves), leaves)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny networks for whole steps.
+
+
+class TinyConvBN(nn.Module):
+    """Conv-BN-ReLU-Linear on 1×8×8: BatchNorm makes the model mode matter."""
+
+    def __init__(self, classes: int = 4, width: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width, momentum=None)  # cumulative average: counts train forwards
+        self.fc = nn.Linear(width * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class TinyMLP(nn.Module):
+    """A teacher of another architecture."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tiny_pair() -> tuple[nn.Module, nn.Module, Batch]:
+    torch.manual_seed(0)
+    student = TinyConvBN().train()
+    teacher = TinyMLP().eval().requires_grad_(False)
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    return student, teacher, Batch(x, y)
+
+
+class ForwardCounter:
+    """Counts forwards of a module (and keeps their inputs, for identity checks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.handle = module.register_forward_pre_hook(lambda _m, args: self.inputs.append(args[0]))
+
+    @property
+    def calls(self) -> int:
+        return len(self.inputs)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def configs_of(*methods: str) -> list[str]:
+    """The shipped configs (paths relative to the repository) that train one of ``methods``."""
+    return [path for path in SHIPPED_CONFIGS if yaml.safe_load((REPO / path).read_text())["method"]["name"] in methods]

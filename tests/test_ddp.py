@@ -172,14 +172,17 @@ def _runs(teacher: Path) -> dict[str, dict]:
             # Attack in train mode, no random start: deterministic, and the attack's forwards bypass DDP.
             "method": {
                 "name": "pgd_at",
-                "args": {"eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": "none", "attack_mode": "train"},
+                "args": {
+                    "threat": {"eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": "none"},
+                    "attack_mode": "train",
+                },
             },
             "validate": {"attack": "pgd10", "protocol": "linf-0.1", "max_examples": 20},
         },
         # The bound pass reads the student's layers through the DDP wrapper.
         "ibp": {
             "epochs": 1,
-            "method": {"name": "ibp", "args": {"eps_train": 0.1, "warmup_epochs": 0, "ramp_epochs": 1}},
+            "method": {"name": "ibp", "args": {"threat": {"eps": 0.1}, "warmup_epochs": 0, "ramp_epochs": 1}},
         },
         # One rank's NaN must make every rank skip the step, as one process skips it.
         "nan_skip": {"epochs": 1, "method": {"name": "nan_on_last_rank"}, "nonfinite": "skip"},

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 SUBSET, EPOCHS, N_TEST = 10_000, 3, 500
 SEED = int(os.environ.get("ROBUSTKD_E2E_SEED", "0"))
-ATTACK = {"eps": 0.1, "step_size": 0.02, "steps": 10}
+ATTACK = {"threat": {"eps": 0.1, "step_size": 0.02, "steps": 10}}
 
 
 def _train(out, name, method, teacher=None):

@@ -279,7 +279,7 @@ def test_certified_validation_selects_the_most_certified_epoch(tmp_path, toy):
     cfg = _cfg(
         tmp_path,
         epochs=3,
-        method={"name": "ibp", "args": {"eps_train": 0.05, "warmup_epochs": 1, "ramp_epochs": 1}},
+        method={"name": "ibp", "args": {"threat": {"eps": 0.05}, "warmup_epochs": 1, "ramp_epochs": 1}},
         validate={"certify": "ibp", "protocol": "linf-0.05"},
     )
     robustkd.train(cfg)

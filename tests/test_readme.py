@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from robustkd.attacks import ThreatModel
 from robustkd.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +204,21 @@ def parse_default(cell: str):
         return token
 
 
+def same_threat(cell: str, actual: ThreatModel) -> bool:
+    """A threat-model default documented as `{norm: linf, eps: 8/255, ...}`; fields left out are ThreatModel's."""
+    match = re.fullmatch(r"\s*`\{([^}]*)\}`.*", cell.strip())
+    assert match, f"threat default {cell!r} is not written as `{{field: value, ...}}`"
+    documented = dict(part.split(": ", 1) for part in match.group(1).split(", "))
+    assert {"norm", "eps"} <= set(documented), f"threat default {cell!r} must state norm and eps"
+    plain = ThreatModel()
+    return all(
+        same_default(parse_default(f"`{documented[f.name]}`"), getattr(actual, f.name))
+        if f.name in documented
+        else getattr(actual, f.name) == getattr(plain, f.name)
+        for f in dataclasses.fields(ThreatModel)
+    )
+
+
 def same_default(documented, actual) -> bool:
     if isinstance(actual, bool) or actual is None or isinstance(documented, str):
         return documented == actual
@@ -221,6 +237,9 @@ def test_method_page_documents_every_option_with_its_default(name):
         f"docs/methods/{name}.md options {sorted(table)} differ from the code's {sorted(fields)}"
     )
     for key, cell in table.items():
+        if isinstance(fields[key], ThreatModel):
+            assert same_threat(cell, fields[key]), f"docs/methods/{name}.md: default of {key} {cell!r} != {fields[key]}"
+            continue
         documented = parse_default(cell)
         assert same_default(documented, fields[key]), (
             f"docs/methods/{name}.md: default of {key} is documented as {documented!r}, the code has {fields[key]!r}"

@@ -267,14 +267,14 @@ def test_nonsense_values_are_refused_before_any_work(raw, message):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"eps": -0.1}, "eps: must be >= 0"),
-        ({"eps": 2.0}, "eps: inputs live in"),
-        ({"step_size": 0.5, "eps": 0.1}, "step_size: a Linf step of 0.5 is larger than eps"),
-        ({"steps": 0}, "steps: must be >= 1"),
+        ({"threat": {"eps": -0.1}}, "eps: must be >= 0"),
+        ({"threat": {"eps": 2.0}}, "eps: inputs live in"),
+        ({"threat": {"step_size": 0.5, "eps": 0.1}}, "step_size: a Linf step of 0.5 is larger than eps"),
+        ({"threat": {"steps": 0}}, "steps: must be >= 1"),
     ],
 )
 def test_method_attack_nonsense_is_refused(args, message):
-    with pytest.raises(ConfigError, match=f"^method.args: {message}"):
+    with pytest.raises(ConfigError, match=f"^method.args.threat: {message}"):
         build_method("pgd_at", args)
 
 

@@ -6,16 +6,16 @@ differentiates through both networks, so x' goes where the two disagree most (th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from robustkd.attacks import perturb
+from robustkd.attacks import ThreatModel, pgd
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kd_options, require_teacher
-from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import attack_threat
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
+from robustkd.methods.losses import Term, kl_divergence, weighted_sum
 
 
 def adaad_loss(
@@ -31,22 +31,24 @@ def adaad_loss(
     Teacher logits are detached (fixed targets, computed under no_grad in the method); τ = 1. A term
     whose weight is 0 is not computed, so its inputs may be None.
     """
-    terms: dict[str, torch.Tensor] = {}
-    loss = None
-    if alpha > 0:
+
+    def kl_adv() -> torch.Tensor:
         if adv_logits is None or teacher_adv_logits is None:
             raise ValueError("adaad_loss: alpha > 0 needs the student and teacher logits on x'")
-        terms["kl_adv"] = kl_divergence(teacher_adv_logits.detach(), adv_logits, reduction=reduction)
-        loss = alpha * terms["kl_adv"]
-    if alpha < 1:
+        return kl_divergence(teacher_adv_logits.detach(), adv_logits, reduction=reduction)
+
+    def kl_clean() -> torch.Tensor:
         if clean_logits is None or teacher_clean_logits is None:
             raise ValueError("adaad_loss: alpha < 1 needs the student and teacher logits on x")
-        terms["kl_clean"] = kl_divergence(teacher_clean_logits.detach(), clean_logits, reduction=reduction)
-        clean = (1.0 - alpha) * terms["kl_clean"]
-        loss = clean if loss is None else loss + clean
-    if loss is None:  # only reachable with a NaN alpha
+        return kl_divergence(teacher_clean_logits.detach(), clean_logits, reduction=reduction)
+
+    if math.isnan(alpha):
         raise ValueError(f"adaad_loss: alpha must be in [0, 1], got {alpha}")
-    return loss, terms
+    return weighted_sum(Term("kl_adv", alpha, kl_adv), Term("kl_clean", 1.0 - alpha, kl_clean))
+
+
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="normal")
 
 
 @register_method("adaad")
@@ -67,19 +69,17 @@ class AdaAD(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = ATTACK_KEYS
 
     alpha: float = 1.0
     kl_reduction: str = "batchmean"
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "normal"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "eval"
 
     def __post_init__(self) -> None:
         check_kd_options(self.alpha, 1.0, self.kl_reduction)
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
@@ -87,17 +87,7 @@ class AdaAD(Method):
         adv_logits = teacher_adv = clean_logits = teacher_clean = None
         logs: dict[str, torch.Tensor] = {}
         if self.alpha > 0:
-            x_adv = perturb(
-                student,
-                x,
-                y,
-                self.threat,
-                "mismatch",
-                teacher=teacher,
-                mode=self.attack_mode,
-                early_stop=False,
-                track_best=False,
-            ).x_adv
+            x_adv = pgd(student, x, y, self.threat, "mismatch", teacher=teacher, mode=self.attack_mode)
             adv_logits = student(x_adv)
             with torch.no_grad():
                 # The attack saw T at earlier iterates only: the final x' needs its own teacher forward.

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import make_objective, perturb
+from robustkd.attacks import ThreatModel, make_objective, pgd
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kl_reduction, require_teacher
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kl_reduction, method_threat, require_teacher
 from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import attack_threat
 
 
 def mixup(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -70,6 +69,10 @@ def advfunmatch_loss(
     return loss, terms
 
 
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="normal")
+
+
 @register_method("advfunmatch")
 @dataclass
 class AdvFunMatch(Method):
@@ -90,13 +93,10 @@ class AdvFunMatch(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = ATTACK_KEYS
 
     temperature: float = 1.0
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "normal"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "eval"
     mixup_alpha: float = 0.0
     ce_weight: float = 0.0
@@ -110,7 +110,8 @@ class AdvFunMatch(Method):
         if not self.ce_weight >= 0:
             raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
         check_kl_reduction(self.kl_reduction)
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
         self.objective = make_objective("mismatch", temperature=self.temperature)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
@@ -120,17 +121,7 @@ class AdvFunMatch(Method):
         if self.mixup_alpha > 0:
             x, perm, lam = mixup(x, self.mixup_alpha)
             y_mix = y[perm]
-        x_adv = perturb(
-            student,
-            x,
-            y,
-            self.threat,
-            self.objective,
-            teacher=teacher,
-            mode=self.attack_mode,
-            early_stop=False,
-            track_best=False,
-        ).x_adv
+        x_adv = pgd(student, x, y, self.threat, self.objective, teacher=teacher, mode=self.attack_mode)
         # The very same tensor goes to both networks.
         with torch.no_grad():
             teacher_logits = teacher(x_adv)

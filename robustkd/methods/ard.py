@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import perturb
+from robustkd.attacks import ThreatModel, pgd
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kd_options, require_teacher
-from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import attack_threat
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
+from robustkd.methods.losses import Term, kl_divergence, weighted_sum
 
 
 def ard_loss(
@@ -29,19 +28,22 @@ def ard_loss(
     ``teacher_logits`` are T(x) on the *clean* input (detached here: a fixed target), ``adv_logits``
     S(x'), ``clean_logits`` S(x). A term whose weight is 0 is not computed, so its inputs may be None.
     """
-    terms: dict[str, torch.Tensor] = {}
-    loss = y.new_zeros((), dtype=torch.float32)
-    if alpha > 0:
+
+    def kl() -> torch.Tensor:
         if adv_logits is None or teacher_logits is None:
             raise ValueError("ard_loss: alpha > 0 needs the adversarial student logits and the teacher logits")
-        terms["kl"] = kl_divergence(teacher_logits.detach(), adv_logits, temperature=temperature, reduction=reduction)
-        loss = loss + alpha * temperature**2 * terms["kl"]
-    if alpha < 1:
+        return kl_divergence(teacher_logits.detach(), adv_logits, temperature=temperature, reduction=reduction)
+
+    def ce() -> torch.Tensor:
         if clean_logits is None:
             raise ValueError("ard_loss: alpha < 1 needs the clean student logits for the CE term")
-        terms["ce"] = F.cross_entropy(clean_logits, y)
-        loss = loss + (1.0 - alpha) * terms["ce"]
-    return loss, terms
+        return F.cross_entropy(clean_logits, y)
+
+    return weighted_sum(Term("kl", alpha * temperature**2, kl), Term("ce", 1.0 - alpha, ce))
+
+
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="uniform")
 
 
 @register_method("ard")
@@ -64,20 +66,18 @@ class ARD(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = ATTACK_KEYS
 
     alpha: float = 1.0
     temperature: float = 30.0
     kl_reduction: str = "batchmean"
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "uniform"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "train"
 
     def __post_init__(self) -> None:
         check_kd_options(self.alpha, self.temperature, self.kl_reduction)
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
@@ -85,9 +85,7 @@ class ARD(Method):
         adv_logits = teacher_logits = clean_logits = None
         logs: dict[str, torch.Tensor] = {}
         if self.alpha > 0:
-            x_adv = perturb(
-                student, x, y, self.threat, "ce", mode=self.attack_mode, early_stop=False, track_best=False
-            ).x_adv
+            x_adv = pgd(student, x, y, self.threat, "ce", mode=self.attack_mode)
             adv_logits = student(x_adv)
             with torch.no_grad():
                 teacher_logits = teacher(x)  # ARD's teacher sees the clean input

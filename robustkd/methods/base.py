@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,10 +53,15 @@ class Method:
 
     A method never moves tensors between devices, wraps models or logs by itself; it may call
     ``robustkd.attacks`` for an inner maximisation and must state the model mode it uses there.
+    A method with a ball (an attack's, or a certified method's training radius) has one field ``threat``, a
+    :class:`robustkd.attacks.ThreatModel`; ``getattr(method, "threat", None)`` is None for the others.
     """
 
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
+    # Flat option names the method took before its ``threat`` field, each with the ThreatModel field it sets;
+    # build_method still accepts them, with a DeprecatedOptionWarning.
+    flat_threat_keys: ClassVar[dict[str, str]] = {}
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         raise NotImplementedError
@@ -78,12 +85,37 @@ def register_method(name: str):
     return decorator
 
 
+class DeprecatedOptionWarning(DeprecationWarning):
+    """A method option spelled the old way; the message gives the new spelling."""
+
+
+def fold_flat_threat(name: str, cls: type[Method], args: dict[str, Any]) -> dict[str, Any]:
+    """Move old flat threat options (``eps``, ``steps``, ``eps_train``, ...) into ``threat``, with a warning.
+
+    Fields left out keep the method's default threat; writing both spellings is refused.
+    """
+    flat = {key: args.pop(key) for key in list(args) if key in cls.flat_threat_keys}
+    if not flat:
+        return args
+    if "threat" in args:
+        raise ConfigError(
+            f"method.args: {', '.join(sorted(flat))} and threat both set the threat model of {name!r}; keep threat only"
+        )
+    threat = {cls.flat_threat_keys[key]: value for key, value in flat.items()}
+    spelled = ", ".join(f"{key}: {value}" for key, value in threat.items())
+    warnings.warn(
+        f"method.args.{', method.args.'.join(flat)}: write the threat model as one option, "
+        f"method.args.threat: {{{spelled}}}",
+        DeprecatedOptionWarning,
+        stacklevel=3,
+    )
+    return {**args, "threat": threat}
+
+
 def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     """Instantiate a registered method; unknown option names are refused with close matches."""
-    import difflib
-
     cls = METHODS.get(name)
-    args = dict(args or {})
+    args = fold_flat_threat(name, cls, dict(args or {}))
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in args:
         if key not in fields:
@@ -95,5 +127,7 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
             )
     try:
         return cls(**args)
+    except ConfigError:
+        raise  # already names its field
     except (TypeError, ValueError) as err:
         raise ConfigError(f"method.args: {err}") from err

@@ -10,16 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robustkd.methods.base import StepInfo, register_method
-from robustkd.methods.ibp import IBP, interpolate, ramp_fraction
+from robustkd.methods.common import BoundTraining, interpolate, ramp_fraction
 
 
 @register_method("crown_ibp")
 @dataclass
-class CrownIBP(IBP):
-    """CROWN-IBP: ε_t = r_t·eps_train, κ_t from kappa_start to kappa_end, β_t from beta_start to beta_end.
+class CrownIBP(BoundTraining):
+    """CROWN-IBP: ε_t = r_t·threat.eps, κ_t from kappa_start to kappa_end, β_t from beta_start to beta_end.
 
     All three follow the same ramp share r_t (the reference code ties κ and β linearly to ε). Defaults are
-    the paper's: κ 1 → 0 and β 1 → 0; eps_train 0.1, 1 warm-up epoch and a 10-epoch ramp as in ``ibp``.
+    the paper's: κ 1 → 0 and β 1 → 0; a Linf ball of 0.1 (``threat``, step fields unused), 1 warm-up epoch
+    and a 10-epoch ramp as in ``ibp``.
     Once β_t = 0 the CROWN pass is skipped and a step costs what an IBP step does. The CROWN backward pass
     is much dearer on networks with large feature maps (every spec carries a coefficient per activation):
     prefer stride convolutions to max-pooling, and small feature maps.
@@ -37,7 +38,7 @@ class CrownIBP(IBP):
     def schedule(self, info: StepInfo) -> dict[str, float]:
         r = ramp_fraction(info, self.warmup_epochs, self.ramp_epochs)
         return {
-            "eps": r * self.eps_train,
+            "eps": r * self.threat.eps,
             "kappa": interpolate(self.kappa_start, self.kappa_end, r),
             "beta": interpolate(self.beta_start, self.beta_end, r),
         }

@@ -25,10 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkd.attacks import ThreatModel
 from robustkd.certify import interval_bounds, margin_spec
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.ibp import bounded_forward, check_schedule, interpolate, point_margins, ramp_fraction
-from robustkd.methods.kd import check_kl_reduction, require_teacher
+from robustkd.methods.common import (
+    CERTIFIED_KEYS,
+    CERTIFIED_THREAT,
+    bounded_forward,
+    check_kl_reduction,
+    check_schedule,
+    interpolate,
+    linf_ball,
+    point_margins,
+    ramp_fraction,
+    require_teacher,
+)
 from robustkd.methods.losses import (
     certified_ce,
     confidence_lower,
@@ -90,11 +101,12 @@ def faithful_loss(
 class Faithful(Method):
     """Faithful distillation (robustkd's reconstruction): (1 − κ_t)·L_KD + κ_t·L_F, see the module docstring.
 
-    Schedules follow the ramp share r_t of :func:`robustkd.methods.ibp.ramp_fraction`: clean KD through
-    ``warmup_epochs``, then ε_t = r_t·eps_train, κ_t = r_t·kappa_max and, for ``bound="crown-ibp"``,
+    Schedules follow the ramp share r_t of :func:`robustkd.methods.common.ramp_fraction`: clean KD through
+    ``warmup_epochs``, then ε_t = r_t·threat.eps, κ_t = r_t·kappa_max and, for ``bound="crown-ibp"``,
     β_t = (1 − r_t)·beta_start + r_t·beta_end in the student's bound β·CROWN-IBP + (1 − β)·IBP.
 
-    Options: ``bound`` (student) ibp | crown-ibp; ``teacher_bound`` ibp | crown-ibp | best (the tightest sound
+    Options: ``threat``, a Linf ball (its eps is the final radius of the ramp; its step fields are unused);
+    ``bound`` (student) ibp | crown-ibp; ``teacher_bound`` ibp | crown-ibp | best (the tightest sound
     bound affordable: the teacher's bound is a constant, so it is not mixed); ``loss_form`` hinge | log_hinge
     | soft_ce (the teacher's clean soft labels p_T(x) against the student's worst-case logits ẑ_S, Gowal et
     al.'s construction; with one-hot labels it is IBP's CE(ẑ, y); it needs no teacher bound); ``rho``: the
@@ -107,8 +119,9 @@ class Faithful(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = CERTIFIED_KEYS
 
-    eps_train: float = 0.1
+    threat: ThreatModel = CERTIFIED_THREAT
     warmup_epochs: float = 1.0
     ramp_epochs: float = 10.0
     kappa_max: float = 0.5
@@ -124,8 +137,8 @@ class Faithful(Method):
     _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.threat = linf_ball(self)
         check_schedule(
-            self.eps_train,
             self.warmup_epochs,
             self.ramp_epochs,
             kappa_max=self.kappa_max,
@@ -151,7 +164,7 @@ class Faithful(Method):
         """ε_t, κ_t and β_t (0 for an IBP student bound) at this step."""
         r = ramp_fraction(info, self.warmup_epochs, self.ramp_epochs)
         beta = interpolate(self.beta_start, self.beta_end, r) if self.bound == "crown-ibp" else 0.0
-        return {"eps": r * self.eps_train, "kappa": r * self.kappa_max, "beta": beta}
+        return {"eps": r * self.threat.eps, "kappa": r * self.kappa_max, "beta": beta}
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import perturb
+from robustkd.attacks import ThreatModel, pgd
 from robustkd.errors import ConfigError
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kd_options, require_teacher
-from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import attack_threat
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
+from robustkd.methods.losses import Term, kl_divergence, weighted_sum
 
 VARIANTS = ("I", "II")
 DEFAULT_BEGIN = {"I": 60, "II": 40}  # the reference scripts' --begin
@@ -65,25 +64,30 @@ def iad1_loss(
     all i (before epoch ``begin``): no introspection term. The introspection target p_S(x) carries
     gradient unless ``detach_self_target`` (the code does not detach it).
     """
-    terms: dict[str, torch.Tensor] = {}
-    loss = y.new_zeros((), dtype=torch.float32)
-    if alpha > 0:
+    w_t = weights if (weights is not None and weight_teacher_term) else None
+
+    def kl_teacher() -> torch.Tensor:
         if adv_logits is None or teacher_logits is None:
             raise ValueError("iad1_loss: alpha > 0 needs the adversarial student logits and the teacher logits")
-        w_t = weights if (weights is not None and weight_teacher_term) else None
-        terms["kl_teacher"] = kl_divergence(
+        return kl_divergence(
             teacher_logits.detach(), adv_logits, temperature=temperature, reduction=reduction, weights=w_t
         )
-        loss = loss + alpha * temperature**2 * terms["kl_teacher"]
-        if weights is not None:
-            terms["kl_self"] = _introspection(clean_logits, adv_logits, weights, reduction, detach_self_target)
-            loss = loss + alpha * terms["kl_self"]
-    if alpha < 1:
+
+    def ce() -> torch.Tensor:
         if clean_logits is None:
             raise ValueError("iad1_loss: alpha < 1 needs the clean student logits for the CE term")
-        terms["ce"] = F.cross_entropy(clean_logits, y)
-        loss = loss + (1.0 - alpha) * terms["ce"]
-    return loss, terms
+        return F.cross_entropy(clean_logits, y)
+
+    return weighted_sum(
+        Term("kl_teacher", alpha * temperature**2, kl_teacher),
+        # No introspection before epoch ``begin`` (weights None); the term rides on α, as in the code.
+        Term(
+            "kl_self",
+            alpha if weights is not None else 0.0,
+            lambda: _introspection(clean_logits, adv_logits, weights, reduction, detach_self_target),
+        ),
+        Term("ce", 1.0 - alpha, ce),
+    )
 
 
 def iad2_loss(
@@ -108,30 +112,35 @@ def iad2_loss(
     teacher). The introspection term sits inside the a1·τ² bracket at τ = 1, as in the reference code.
     ``weights`` = None means α_i = 1 (before epoch ``begin``).
     """
-    terms: dict[str, torch.Tensor] = {}
-    loss = y.new_zeros((), dtype=torch.float32)
-    ce_weight = 1.0 - alpha1 - alpha2
-    if ce_weight > 0:
-        terms["ce_adv"] = F.cross_entropy(adv_logits, y)
-        loss = loss + ce_weight * terms["ce_adv"]
-    if alpha1 > 0:
+    w_t = weights if (weights is not None and weight_teacher_term) else None
+
+    def teacher_bracket() -> dict[str, torch.Tensor]:
+        # KL_red[α_i](p_T ‖ p_S) + KL_red[1 − α_i](p_S(x) ‖ p_S(x')), weighted together by a1·τ².
         if teacher_logits is None:
             raise ValueError("iad2_loss: alpha1 > 0 needs the teacher logits on x'")
-        w_t = weights if (weights is not None and weight_teacher_term) else None
-        bracket = kl_divergence(
-            teacher_logits.detach(), adv_logits, temperature=temperature, reduction=reduction, weights=w_t
-        )
-        terms["kl_teacher"] = bracket
-        if weights is not None:
-            terms["kl_self"] = _introspection(clean_logits, adv_logits, weights, reduction, detach_self_target)
-            bracket = bracket + terms["kl_self"]
-        loss = loss + alpha1 * temperature**2 * bracket
-    if alpha2 > 0:
+        target = teacher_logits.detach()
+        kl = kl_divergence(target, adv_logits, temperature=temperature, reduction=reduction, weights=w_t)
+        if weights is None:
+            return {"kl_teacher": kl}
+        return {
+            "kl_teacher": kl,
+            "kl_self": _introspection(clean_logits, adv_logits, weights, reduction, detach_self_target),
+        }
+
+    def kl_st() -> torch.Tensor:
         if st_logits is None:
             raise ValueError("iad2_loss: alpha2 > 0 needs the standard-trained teacher's logits on x'")
-        terms["kl_st"] = kl_divergence(st_logits.detach(), adv_logits, temperature=temperature, reduction=reduction)
-        loss = loss + alpha2 * temperature**2 * terms["kl_st"]
-    return loss, terms
+        return kl_divergence(st_logits.detach(), adv_logits, temperature=temperature, reduction=reduction)
+
+    return weighted_sum(
+        Term("ce_adv", 1.0 - alpha1 - alpha2, lambda: F.cross_entropy(adv_logits, y)),
+        Term("kl_teacher", alpha1 * temperature**2, teacher_bracket),
+        Term("kl_st", alpha2 * temperature**2, kl_st),
+    )
+
+
+# The default ball and PGD budget of the training attack (ARD's).
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="uniform")
 
 
 @register_method("iad")
@@ -155,6 +164,7 @@ class IAD(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = ATTACK_KEYS
 
     variant: str = "I"
     alpha: float = 1.0
@@ -166,11 +176,7 @@ class IAD(Method):
     weight_teacher_term: bool = True
     detach_self_target: bool = False
     kl_reduction: str = "batchmean"
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "uniform"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "train"
     st_teacher: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -189,7 +195,8 @@ class IAD(Method):
             isinstance(self.begin, bool) or not isinstance(self.begin, int) or self.begin < 0
         ):
             raise ValueError(f"begin must be a non-negative integer epoch (0-based) or null, got {self.begin!r}")
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
 
     @property
     def begin_epoch(self) -> int:
@@ -215,9 +222,7 @@ class IAD(Method):
         return self._step_two(student, teacher, x, y, introspect)
 
     def _attack(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return perturb(
-            student, x, y, self.threat, "ce", mode=self.attack_mode, early_stop=False, track_best=False
-        ).x_adv
+        return pgd(student, x, y, self.threat, "ce", mode=self.attack_mode)
 
     def _step_one(
         self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, introspect: bool

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kd_options, kd_loss, require_teacher
+from robustkd.methods.common import check_kd_options, require_teacher
+from robustkd.methods.losses import kd_loss
 
 GRAD_NORMS = ("l2_batch", "l2_squared_per_example")
 

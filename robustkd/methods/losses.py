@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +74,62 @@ def kl_to_probs(
     return reduce(terms, reduction, weights)
 
 
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    y: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    reduction: str = "batchmean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = α·τ²·KL_red(p_T^τ ‖ p_S^τ) + (1 − α)·CE_mean(S, y); returns (L, {"kl", "ce"}).
+
+    τ² keeps the soft-target gradients on the hard-target scale as τ changes; it never depends on α.
+    The teacher's logits are detached here: the teacher is a fixed target.
+    """
+    kl = kl_divergence(teacher_logits.detach(), student_logits, temperature=temperature, reduction=reduction)
+    ce = F.cross_entropy(student_logits, y)
+    return alpha * temperature**2 * kl + (1.0 - alpha) * ce, {"kl": kl, "ce": ce}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named term of a loss: ``weight · value()``.
+
+    ``value`` runs only when ``weight > 0``: a method skips the passes an unused term would need (a forward, an
+    attack), and the term's inputs may then be None. It returns a tensor, logged under ``name``, or a dict of
+    named parts, summed in order before weighting and each logged under its own name (a bracket such as
+    ``a·(KL_teacher + KL_self)``).
+    """
+
+    name: str
+    weight: float
+    value: Callable[[], torch.Tensor | dict[str, torch.Tensor]]
+
+
+def weighted_sum(*terms: Term) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Σ_k w_k·t_k over the terms with w_k > 0, in order; returns (total, {name: unweighted term}) for logging."""
+    total: torch.Tensor | None = None
+    logged: dict[str, torch.Tensor] = {}
+    for term in terms:
+        if not term.weight > 0:
+            continue
+        value = term.value()
+        if isinstance(value, dict):
+            logged.update(value)
+            parts = list(value.values())
+            value = parts[0]
+            for part in parts[1:]:
+                value = value + part
+        else:
+            logged[term.name] = value
+        weighted = term.weight * value
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError(f"no term has a positive weight: {', '.join(f'{t.name}={t.weight}' for t in terms)}")
+    return total, logged
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Certified-training pieces. Margins are ``m_j = z_j - z_y`` for ``j != y`` in increasing j (the column order of
 # ``robustkd.certify.margin_spec``); ``margin_upper`` holds sound upper bounds ``u_j`` of them over an eps-ball.
@@ -89,6 +148,16 @@ def certified_ce(margin_upper: torch.Tensor, y: torch.Tensor, target_probs: torc
     if target_probs is None:
         return F.cross_entropy(z_hat, y)
     return -(target_probs * F.log_softmax(z_hat, dim=1)).sum(dim=1).mean()
+
+
+def ibp_loss(
+    logits: torch.Tensor, margin_upper: torch.Tensor, y: torch.Tensor, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L = κ·CE(z, y) + (1 − κ)·CE(ẑ, y); returns (L, CE(z, y), CE(ẑ, y)). κ = 1 gives the clean CE exactly."""
+    ce = F.cross_entropy(logits, y)
+    robust = certified_ce(margin_upper, y)
+    loss = ce if kappa >= 1 else kappa * ce + (1.0 - kappa) * robust
+    return loss, ce, robust
 
 
 def confidence_lower(margin_upper: torch.Tensor) -> torch.Tensor:

@@ -3,40 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import ThreatModel, perturb
+from robustkd.attacks import ThreatModel, pgd
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-
-ATTACK_MODES = ("eval", "train")
-
-
-def check_attack_mode(mode: str) -> str:
-    """The student's mode during an inner maximisation: 'eval' (BN running stats) or 'train' (batch stats)."""
-    if mode not in ATTACK_MODES:
-        raise ValueError(f"attack_mode must be one of {', '.join(ATTACK_MODES)}, got {mode!r}")
-    return mode
-
-
-def attack_threat(options: Any) -> ThreatModel:
-    """The validated threat model of a method's attack options (norm, eps, step_size, steps, random_start)."""
-    check_attack_mode(options.attack_mode)
-    return ThreatModel(
-        norm=options.norm,
-        eps=options.eps,
-        step_size=options.step_size,
-        steps=options.steps,
-        random_start=options.random_start,
-    )
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, method_threat
 
 
 def pgd_at_loss(adv_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """L = (1/B) Σ_i CE(S(x'_i), y_i): the outer loss sees adversarial points only."""
     return F.cross_entropy(adv_logits, y)
+
+
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="uniform")
 
 
 @register_method("pgd_at")
@@ -51,29 +34,19 @@ class PGDAT(Method):
     on every point (no early stop) and the last iterate is used, as in the reference code.
     """
 
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "uniform"
-    norm: str = "linf"
+    flat_threat_keys = ATTACK_KEYS
+
+    threat: ThreatModel = THREAT
     attack_mode: str = "eval"
 
     def __post_init__(self) -> None:
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         # Every point takes all steps (no early stop) and the last iterate is used, as in the reference code.
-        result = perturb(
-            student,
-            batch.x,
-            batch.y,
-            self.threat,
-            "ce",
-            mode=self.attack_mode,
-            early_stop=False,
-            track_best=False,
-        )
-        adv_logits = student(result.x_adv)
+        x_adv = pgd(student, batch.x, batch.y, self.threat, "ce", mode=self.attack_mode)
+        adv_logits = student(x_adv)
         loss = pgd_at_loss(adv_logits, batch.y)
         adv_acc = (adv_logits.detach().argmax(1) == batch.y).float().mean()
         # No clean forward is run, so there are no clean logits to report.

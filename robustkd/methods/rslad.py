@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks import perturb
+from robustkd.attacks import ThreatModel, pgd
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kd_options, require_teacher
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
 from robustkd.methods.losses import kl_to_probs
-from robustkd.methods.pgd_at import attack_threat
 
 
 def rslad_loss(
@@ -43,6 +42,10 @@ def rslad_loss(
     return scale * loss, terms
 
 
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="normal")
+
+
 @register_method("rslad")
 @dataclass
 class RSLAD(Method):
@@ -59,16 +62,13 @@ class RSLAD(Method):
     """
 
     needs_teacher = True
+    flat_threat_keys = ATTACK_KEYS
 
     alpha: float = 5 / 6
     kl_reduction: str = "batchmean"
     log_eps: float = 0.0
     scale: float = 1.0
-    eps: float = 8 / 255
-    step_size: float | None = 2 / 255
-    steps: int = 10
-    random_start: str = "normal"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "eval"
 
     def __post_init__(self) -> None:
@@ -79,7 +79,8 @@ class RSLAD(Method):
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.alpha == 0:
             raise ValueError("alpha = 0 leaves only the clean term (plain KD at τ = 1): use method 'kd'")
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
@@ -87,17 +88,7 @@ class RSLAD(Method):
         with torch.no_grad():
             # The one teacher forward of the step, reused by the attack and both loss terms.
             teacher_probs = F.softmax(teacher(x).float(), dim=1)
-        x_adv = perturb(
-            student,
-            x,
-            y,
-            self.threat,
-            "kl",
-            reference=teacher_probs,
-            mode=self.attack_mode,
-            early_stop=False,
-            track_best=False,
-        ).x_adv
+        x_adv = pgd(student, x, y, self.threat, "kl", reference=teacher_probs, mode=self.attack_mode)
         # Two forwards (adversarial first, as the code), not one on cat([x', x]): in train mode
         # BatchNorm would mix their batch statistics.
         adv_logits = student(x_adv)

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustkd.attacks import ThreatModel, make_objective, pgd
 from robustkd.attacks import attack_mode as attack_modes
-from robustkd.attacks import make_objective, perturb
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
-from robustkd.methods.kd import check_kl_reduction
+from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kl_reduction, method_threat
 from robustkd.methods.losses import kl_divergence
-from robustkd.methods.pgd_at import attack_threat
 
 
 def trades_loss(
@@ -33,6 +32,10 @@ def trades_loss(
     return ce + beta * kl, {"ce": ce, "kl": kl}
 
 
+# The default ball and PGD budget of the training attack.
+THREAT = ThreatModel("linf", 0.031, step_size=0.007, steps=10, random_start="normal")
+
+
 @register_method("trades")
 @dataclass
 class TRADES(Method):
@@ -46,19 +49,18 @@ class TRADES(Method):
     departs from the reference and only exists for experiments.
     """
 
+    flat_threat_keys = ATTACK_KEYS
+
     beta: float = 6.0
-    eps: float = 0.031
-    step_size: float | None = 0.007
-    steps: int = 10
-    random_start: str = "normal"
-    norm: str = "linf"
+    threat: ThreatModel = THREAT
     attack_mode: str = "eval"
     kl_reduction: str = "batchmean"
 
     def __post_init__(self) -> None:
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        self.threat = attack_threat(self)
+        check_attack_mode(self.attack_mode)
+        self.threat = method_threat(self)
         check_kl_reduction(self.kl_reduction)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
@@ -67,17 +69,7 @@ class TRADES(Method):
         # code switches to eval before computing it inside its loop).
         with attack_modes(student, None, self.attack_mode), torch.no_grad():
             reference = F.softmax(student(x), dim=1)
-        x_adv = perturb(
-            student,
-            x,
-            y,
-            self.threat,
-            make_objective("kl"),
-            reference=reference,
-            mode=self.attack_mode,
-            early_stop=False,
-            track_best=False,
-        ).x_adv
+        x_adv = pgd(student, x, y, self.threat, make_objective("kl"), reference=reference, mode=self.attack_mode)
         # Two forwards, not one on cat([x, x']): in train mode BatchNorm would mix their statistics.
         clean_logits = student(x)
         adv_logits = student(x_adv)

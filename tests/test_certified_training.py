@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import REPO, configs_of
 from torch import nn
 
-import robustkd.methods.ibp as ibp_module
+import robustkd.methods.common as certified
 from robustkd.certify import UnsupportedModelError, margin_bounds
 from robustkd.certify.bounds import Verifier
 from robustkd.config import from_dict, validate
 from robustkd.errors import ConfigError
-from robustkd.methods.base import METHODS, Batch, StepInfo, build_method
+from robustkd.methods import METHODS, Batch, StepInfo, build_method
+from robustkd.methods.common import ramp_fraction
 from robustkd.methods.crown_ibp import CrownIBP
 from robustkd.methods.faithful import Faithful
-from robustkd.methods.ibp import IBP, ramp_fraction
+from robustkd.methods.ibp import IBP
 from robustkd.methods.kd import kd_loss
 from robustkd.methods.losses import certified_ce, confidence_lower, faithful_hinge, faithful_log_hinge
 from robustkd.models import create_model
 from robustkd.models.layers import Normalize
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("ibp", "crown_ibp", "faithful")
 K = 4  # classes of the tiny problems
 SHAPE = (1, 3, 3)  # input of the linear networks: 9 pixels
@@ -140,7 +140,7 @@ def test_ramp_fraction_hand_values() -> None:
 )
 def test_ibp_and_crown_ibp_schedules(step: int, eps: float, kappa: float, beta: float) -> None:
     # warm-up 1 epoch, ramp 4 epochs at 10 steps each: r = (t/10 − 1)/4.
-    opts = {"eps_train": 0.2, "warmup_epochs": 1, "ramp_epochs": 4}
+    opts = {"threat": {"eps": 0.2}, "warmup_epochs": 1, "ramp_epochs": 4}
     s = build_method("ibp", opts).schedule(info_at(step))  # κ 1 → 0.5
     assert (s["eps"], s["kappa"], s["beta"]) == pytest.approx((eps, kappa, 0.0))
     s = build_method("crown_ibp", {**opts, "kappa_end": 0.5, "beta_end": 0.5}).schedule(info_at(step))
@@ -152,7 +152,7 @@ def test_ibp_and_crown_ibp_schedules(step: int, eps: float, kappa: float, beta: 
 
 
 def test_schedule_end_values_are_exact() -> None:
-    s = build_method("ibp", {"kappa_end": 0.3, "eps_train": 0.3, "warmup_epochs": 0, "ramp_epochs": 1}).schedule(
+    s = build_method("ibp", {"kappa_end": 0.3, "threat": {"eps": 0.3}, "warmup_epochs": 0, "ramp_epochs": 1}).schedule(
         info_at(100)
     )
     assert s["eps"] == 0.3 and s["kappa"] == 0.3
@@ -162,7 +162,7 @@ def test_schedule_end_values_are_exact() -> None:
     ("step", "eps", "kappa", "beta"), [(5, 0.0, 0.0, 1.0), (30, 0.05, 0.2, 0.5), (60, 0.1, 0.4, 0.0)]
 )
 def test_faithful_schedule(step: int, eps: float, kappa: float, beta: float) -> None:
-    opts = {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 4, "kappa_max": 0.4, "bound": "crown-ibp"}
+    opts = {"threat": {"eps": 0.1}, "warmup_epochs": 1, "ramp_epochs": 4, "kappa_max": 0.4, "bound": "crown-ibp"}
     s = build_method("faithful", opts).schedule(info_at(step, steps_per_epoch=10))
     assert (s["eps"], s["kappa"], s["beta"]) == pytest.approx((eps, kappa, beta))
     assert build_method("faithful", {**opts, "bound": "ibp"}).schedule(info_at(step))["beta"] == 0.0
@@ -176,7 +176,7 @@ def test_faithful_schedule(step: int, eps: float, kappa: float, beta: float) -> 
 def test_certified_loss_on_linear_net_matches_closed_form(name: str) -> None:
     net, batch = linear_net(0), fixed_batch()
     # warm-up 1, ramp 2 epochs of 10 steps; step 20 is half-way: eps_t = 0.1, κ_t = 0.75 (ibp) or 0.5.
-    method = build_method(name, {"eps_train": 0.2, "warmup_epochs": 1, "ramp_epochs": 2})
+    method = build_method(name, {"threat": {"eps": 0.2}, "warmup_epochs": 1, "ramp_epochs": 2})
     out = method(net, None, batch, info_at(20))
     kappa = {"ibp": 0.75, "crown_ibp": 0.5}[name]
     assert out.logs["eps"] == pytest.approx(0.1) and out.logs["kappa"] == pytest.approx(kappa)
@@ -223,7 +223,7 @@ def mlp(seed: int = 0) -> nn.Sequential:
 @pytest.mark.parametrize("step", [20, 25, 29])
 def test_crown_ibp_mix_matches_the_verifiers_and_is_sound(step: int) -> None:
     net, batch = mlp(), fixed_batch()
-    method = build_method("crown_ibp", {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 2})
+    method = build_method("crown_ibp", {"threat": {"eps": 0.1}, "warmup_epochs": 1, "ramp_epochs": 2})
     out = method(net, None, batch, info_at(step))
     s = method.schedule(info_at(step))
     assert 0 < s["beta"] < 1
@@ -234,7 +234,7 @@ def test_crown_ibp_mix_matches_the_verifiers_and_is_sound(step: int) -> None:
     torch.testing.assert_close(out.loss, closed, rtol=1e-10, atol=1e-12)
     assert out.logs["beta"] == pytest.approx(s["beta"])
     # The mix is a sound upper bound: no sampled point of the ball exceeds it.
-    bounds = ibp_module.margin_upper_bounds(net, batch.x, batch.y, s["eps"], s["beta"], K)
+    bounds = certified.margin_upper_bounds(net, batch.x, batch.y, s["eps"], s["beta"], K)
     torch.manual_seed(3)
     x = batch.x.unsqueeze(0)
     noise = (torch.rand(2000, *batch.x.shape, dtype=torch.float64) * 2 - 1) * s["eps"]
@@ -255,7 +255,14 @@ def test_faithful_hinge_matches_closed_form_with_gradients(form: str) -> None:
     student, teacher = linear_net(0), linear_net(7, mean=0.4, std=0.6).eval().requires_grad_(False)
     batch = fixed_batch()
     tau, rho = 2.0, 0.05
-    opts = {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 2, "kappa_max": 0.6, "temperature": tau, "rho": rho}
+    opts = {
+        "threat": {"eps": 0.1},
+        "warmup_epochs": 1,
+        "ramp_epochs": 2,
+        "kappa_max": 0.6,
+        "temperature": tau,
+        "rho": rho,
+    }
     method = build_method("faithful", {**opts, "loss_form": form})
     out = method(student, teacher, batch, info_at(20))  # r = 0.5: eps_t = 0.05, κ_t = 0.3
     eps, kappa = 0.05, 0.3
@@ -305,7 +312,8 @@ def test_faithful_soft_ce_matches_closed_form_and_reduces_to_ibp_with_hard_label
     student, teacher = linear_net(0), linear_net(7).eval().requires_grad_(False)
     batch = fixed_batch()
     method = build_method(
-        "faithful", {"eps_train": 0.1, "warmup_epochs": 0, "ramp_epochs": 0, "kappa_max": 1.0, "loss_form": "soft_ce"}
+        "faithful",
+        {"threat": {"eps": 0.1}, "warmup_epochs": 0, "ramp_epochs": 0, "kappa_max": 1.0, "loss_form": "soft_ce"},
     )
     out = method(student, teacher, batch, info_at(3))  # after the ramp: eps 0.1, κ 1: L = L_F exactly
     _, u = exact_margins(student, batch.x, batch.y, 0.1)
@@ -349,7 +357,7 @@ def test_loss_helpers_closed_forms() -> None:
 @pytest.mark.parametrize("name", ["ibp", "crown_ibp"])
 def test_warm_up_is_clean_ce_exactly(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     net, batch = mlp(), fixed_batch()
-    monkeypatch.setattr(ibp_module, "margin_upper_bounds", _forbidden)
+    monkeypatch.setattr(certified, "margin_upper_bounds", _forbidden)
     for kappa_start in (1.0, 0.3):  # at eps 0 the bound term is the clean CE, whatever κ
         method = build_method(name, {"warmup_epochs": 2, "kappa_start": kappa_start})
         out = method(net, None, batch, info_at(15))
@@ -359,7 +367,7 @@ def test_warm_up_is_clean_ce_exactly(name: str, monkeypatch: pytest.MonkeyPatch)
 
 def test_faithful_warm_up_is_kd_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     student, teacher, batch = mlp(0), mlp(1).eval().requires_grad_(False), fixed_batch()
-    monkeypatch.setattr(ibp_module, "margin_upper_bounds", _forbidden)
+    monkeypatch.setattr(certified, "margin_upper_bounds", _forbidden)
     monkeypatch.setattr("robustkd.methods.faithful.teacher_margin_lower", _forbidden)
     for tau in (1.0, 4.0):
         out = build_method("faithful", {"temperature": tau, "warmup_epochs": 2})(student, teacher, batch, info_at(15))
@@ -395,7 +403,7 @@ def cnn_batch(n: int = 8) -> Batch:
 
 
 MID_RAMP = info_at(25)  # r = 0.75 under the options below: eps, κ > 0 and β in (0, 1)
-RAMP = {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 2}
+RAMP = {"threat": {"eps": 0.1}, "warmup_epochs": 1, "ramp_epochs": 2}
 
 
 class Counter:
@@ -495,7 +503,7 @@ def test_train_mode_batchnorm_bounds_use_the_clean_batch_statistics() -> None:
         student[2].bias.uniform_(-0.2, 0.2)
     bn = student[2]
     buffers = (bn.running_mean, bn.running_var)
-    logits, bounds = ibp_module.bounded_forward(student, batch.x, batch.y, 0.05, beta=0.5)
+    logits, bounds = certified.bounded_forward(student, batch.x, batch.y, 0.05, beta=0.5)
     assert bn.training and (bn.running_mean, bn.running_var) == buffers  # restored: the same tensors
 
     # The same network frozen by hand: eval-mode BatchNorm whose running statistics are the batch ones.
@@ -522,7 +530,8 @@ def test_unboundable_model_is_refused_on_the_first_step() -> None:
 @pytest.mark.parametrize(
     ("name", "args", "match"),
     [
-        ("ibp", {"eps_train": -0.1}, "eps_train"),
+        ("ibp", {"threat": {"eps": -0.1}}, "threat: eps"),
+        ("ibp", {"threat": "l2-0.5"}, "Linf"),
         ("ibp", {"kappa_end": 1.5}, "kappa_end"),
         ("ibp", {"warmup_epochs": -1}, "warmup_epochs"),
         ("ibp", {"beta_end": 0.0}, "no option"),
@@ -545,7 +554,7 @@ def test_registered_defaults() -> None:
     ibp, crown, faithful = build_method("ibp"), build_method("crown_ibp"), build_method("faithful")
     assert isinstance(ibp, IBP) and isinstance(crown, CrownIBP) and isinstance(faithful, Faithful)
     assert all(METHODS.get(n).name == n for n in NAMES)
-    assert (ibp.kappa_start, ibp.kappa_end, ibp.eps_train) == (1.0, 0.5, 0.1)
+    assert (ibp.kappa_start, ibp.kappa_end, ibp.threat.eps, ibp.threat.norm) == (1.0, 0.5, 0.1, "linf")
     assert (crown.kappa_end, crown.beta_start, crown.beta_end) == (0.0, 1.0, 0.0)
     assert (faithful.kappa_max, faithful.bound, faithful.loss_form, faithful.rho) == (0.5, "ibp", "hinge", 0.0)
     assert not ibp.needs_teacher and not crown.needs_teacher and faithful.needs_teacher
@@ -610,10 +619,10 @@ def _train(method_name: str, args: dict, net: nn.Module, x, y, teacher=None, ste
 def test_certified_training_raises_certified_accuracy(name: str) -> None:
     x, y = separable_problem()
     eps = 0.1
-    standard = _train("ibp", {"eps_train": 0.0}, small_mlp(0), x, y)  # eps 0: plain CE training
+    standard = _train("ibp", {"threat": {"eps": 0.0}}, small_mlp(0), x, y)  # eps 0: plain CE training
     net = small_mlp(0)
     before = certified_accuracy(net, x, y, eps)
-    _train(name, {"eps_train": eps, "warmup_epochs": 1, "ramp_epochs": 2}, net, x, y)
+    _train(name, {"threat": {"eps": eps}, "warmup_epochs": 1, "ramp_epochs": 2}, net, x, y)
     after = certified_accuracy(net, x, y, eps)
     # Clean training fits the data but certifies less than bound training does.
     assert after >= 0.9 and after - before >= 0.5, (before, after)
@@ -623,9 +632,9 @@ def test_certified_training_raises_certified_accuracy(name: str) -> None:
 @pytest.mark.parametrize("form", ["hinge", "log_hinge", "soft_ce"])
 def test_faithful_training_shrinks_the_certified_gap(form: str) -> None:
     x, y = separable_problem()
-    teacher = _train("ibp", {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 2}, small_mlp(1), x, y).eval()
+    teacher = _train("ibp", {"threat": {"eps": 0.1}, "warmup_epochs": 1, "ramp_epochs": 2}, small_mlp(1), x, y).eval()
     teacher.requires_grad_(False)
-    opts = {"eps_train": 0.1, "warmup_epochs": 1, "ramp_epochs": 2, "kappa_max": 0.5}
+    opts = {"threat": {"eps": 0.1}, "warmup_epochs": 1, "ramp_epochs": 2, "kappa_max": 0.5}
     kd_only = _train("faithful", {**opts, "kappa_max": 0.0}, small_mlp(2), x, y, teacher)
     faithful = _train("faithful", {**opts, "loss_form": form}, small_mlp(2), x, y, teacher)
     probe = build_method("faithful", {**opts, "kappa_max": 1.0, "warmup_epochs": 0, "ramp_epochs": 0})
@@ -640,13 +649,7 @@ def test_faithful_training_shrinks_the_certified_gap(form: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Configs
 
-CONFIGS = [
-    "configs/fmnist/teacher_ibp.yaml",
-    "configs/fmnist/teacher_crown_ibp.yaml",
-    "configs/fmnist/faithful.yaml",
-    "configs/mnist/teacher_crown_ibp.yaml",
-    "configs/mnist/faithful.yaml",
-]
+CONFIGS = configs_of(*NAMES)
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -654,7 +657,7 @@ def test_config_loads_validates_and_builds(path: str) -> None:
     from robustkd.attacks import ThreatModel, get_attack
     from robustkd.models import list_models, model_info
 
-    text = (ROOT / path).read_text()
+    text = (REPO / path).read_text()
     assert text.startswith("#"), "the first line says what the config reproduces"
     cfg = validate(from_dict(yaml.safe_load(text)))
     method = build_method(cfg.method.name, cfg.method.args)
@@ -666,7 +669,7 @@ def test_config_loads_validates_and_builds(path: str) -> None:
     else:  # certified teachers keep the most-certified validation epoch
         assert cfg.validate.certify == "ibp" and cfg.validate.select == "auto"
     protocol = ThreatModel.preset(cfg.validate.protocol)
-    assert method.eps_train >= protocol.eps  # train at least at the test eps
+    assert method.threat.eps >= protocol.eps  # train at least at the test eps
     assert method.warmup_epochs + method.ramp_epochs < cfg.epochs  # the full eps is reached in the run
     assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_size) == ("adam", 5e-4, 256)
     assert method.needs_teacher == (cfg.method.name == "faithful")
