@@ -143,6 +143,10 @@ def _export(
         )
     else:
         order = [exporter]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"onnx: cannot create the folder {path.parent} ({err})") from err
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     errors = []
     try:
@@ -287,10 +291,6 @@ def export_model(
     tolerances = {"logit_tolerance": logit_tolerance, "calibration_tolerance": calibration_tolerance}
     onnx_path = check_options(onnx_path, batch_size=batch_size, exporter=exporter, opset=opset, **tolerances)
     onnx, ort = _require_onnx()
-    try:
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"onnx: cannot create the folder {onnx_path.parent} ({err})") from err
     timing: dict[str, float] = {}
     notes: list[str] = []
     start = time.perf_counter()

@@ -38,6 +38,14 @@ the step size, hence every trajectory, changes with the steps: stronger in pract
 Cost per point of P and per eps, with R restarts and S steps: each search runs at most R * S forward and
 backward passes through both networks (disagreement searches stop early on a found point), plus one
 scoring forward of both per restart and one re-scoring forward of both at the returned point.
+
+:func:`evaluate_faithfulness` returns a JSON-able dict: ``settings``; ``clean`` (clean accuracy of each
+network, the share of points where they agree, the size of P); ``results``, one block per eps with
+``teacher_correct`` (P) and ``both_correct`` summaries (disagreement rate, faithful shares per rho, distributions
+of G_under, G_over, two-sided G and the clean gap: mean, min, q50, q90, q99, max and the share above each rho)
+and ``found_by`` (which search found each disagreement first); ``per_example`` (teacher/student correct and the
+clean gap for every point; per eps, disagreement found, G_under and G_over, None outside P); ``warnings``;
+``timing`` (seconds, the only non-deterministic entry).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from robustkd.evaluate.robustness import (
     _summary,
     check_data,
     progress_bar,
+    recording_warnings,
 )
 from robustkd.evaluate.state import pack_tensor, settings_match, unpack_tensor
 
@@ -274,50 +283,35 @@ def evaluate_faithfulness(
     ``witness_hook(search, eps, index, x, x_adv)`` sees every point a search returns (for tests and debugging).
     Deterministic given ``seed``.
 
-    Resuming: ``on_batch(state)`` receives the per-point results so far as a JSON-able state every ``save_every``
-    batches and at the end of each radius; passing the last one back as ``state`` to a call with the same
-    settings, weights and data continues from it (the hook sees only the batches run again) and gives the same
-    result, per-example values included, as an uninterrupted run. A state made with other settings, or
-    damaged, is ignored with a warning. (:mod:`robustkd.jobs` keeps it in a file.)
+    Resuming: ``on_batch(state)`` gets a JSON-able state every ``save_every`` batches and after each radius; given
+    back as ``state`` (same settings, weights, data) it continues the run to the same result, per-example values
+    included (the hook sees only the batches run again); other or damaged states are ignored with a warning.
 
-    Returns a JSON-able dict: ``settings``; ``clean`` (clean accuracy of each network, the share of points where
-    they agree, the size of P); ``results``, one block per eps with ``teacher_correct`` (P) and ``both_correct``
-    summaries (disagreement rate, faithful shares per rho, distributions of G_under, G_over, two-sided G and the
-    clean gap: mean, min, q50, q90, q99, max and the share above each rho) and ``found_by`` (which search found
-    each disagreement first); ``per_example`` (teacher/student correct and the clean gap for every point; per eps,
-    disagreement found, G_under and G_over, None outside P); ``warnings``; ``timing`` (seconds, the only
-    non-deterministic entry).
+    Returns a JSON-able dict; its entries are listed in the module docstring.
     """
     threats = threat_models(eps, norm, steps, restarts, step_size)
-    rhos = _check_rho(rho)
-    dis_searches = _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES)
-    surrogates = _check_names("gap_surrogates", gap_surrogates, GAP_SURROGATES)
+    rhos, dis_searches, surrogates = _check_lists(rho, disagreement_searches, gap_surrogates)
     run_device = _check_arguments(teacher, student, x, y, batch_size, seed, device, dataset_size, save_every)
-    settings = {
-        "threats": [t.to_dict() for t in threats],
-        "rho": list(rhos),
-        "disagreement_searches": list(dis_searches),
-        "gap_surrogates": list(surrogates),
-        "separate_confidence": separate_confidence,
-        "seed": seed,
-        "batch_size": batch_size,
-        "checks": checks,
-        "device": run_device.type,  # kernels, and so borderline results, differ between devices
-    }
     run = _Run(teacher, student, x, y.long(), threats, rhos, dis_searches, surrogates, separate_confidence)
-    run.configure(batch_size, seed, run_device, witness_hook, on_batch, save_every, settings)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    run.configure(batch_size, seed, run_device, witness_hook, on_batch, save_every, checks)
+    with recording_warnings() as caught, attack_mode(student, teacher, "eval"):
         run.caught = caught
-        with attack_mode(student, teacher, "eval"):
-            run.start(checks, state or {})
-            with progress_bar(progress) as bar:
-                for e, threat in enumerate(threats):
-                    run.radius(e, threat, bar)
-    for w in caught:  # the caller sees every warning too, not only the report
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        run.start(checks, state or {})
+        with progress_bar(progress) as bar:
+            for e, threat in enumerate(threats):
+                run.radius(e, threat, bar)
     run.timing["total"] = run.before + time.perf_counter() - run.t_all
     return _faithfulness_result(run, step_size, dataset_size)
+
+
+def _check_lists(
+    rho: float | Sequence[float], disagreement_searches: Sequence[str], gap_surrogates: Sequence[str]
+) -> tuple[tuple[float, ...], tuple[str, ...], tuple[str, ...]]:
+    return (
+        _check_rho(rho),
+        _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES),
+        _check_names("gap_surrogates", gap_surrogates, GAP_SURROGATES),
+    )
 
 
 def _check_arguments(
@@ -382,10 +376,21 @@ class _Run:
         hook: WitnessHook | None,
         on_batch: Callable[[dict[str, Any]], None] | None,
         save_every: int,
-        settings: dict[str, Any],
+        checks: bool,
     ) -> None:
         self.batch_size, self.seed, self.device, self.hook = batch_size, seed, device, hook
-        self.on_batch, self.save_every, self.settings = on_batch, save_every, settings
+        self.on_batch, self.save_every = on_batch, save_every
+        self.settings = {
+            "threats": [t.to_dict() for t in self.threats],
+            "rho": list(self.rhos),
+            "disagreement_searches": list(self.dis_searches),
+            "gap_surrogates": list(self.surrogates),
+            "separate_confidence": self.separate,
+            "seed": seed,
+            "batch_size": batch_size,
+            "checks": checks,
+            "device": device.type,  # kernels, and so borderline results, differ between devices
+        }
         self.t_all = time.perf_counter()
         self.n_runs = len(self.dis_searches) + 2 * len(self.surrogates) + (2 if self.separate else 0)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,11 +126,9 @@ def evaluate_robustness(
     zero gradients); they emit :class:`RobustnessWarning`s, which are also listed under ``"warnings"``.
     Deterministic given ``seed``: every attack draws its random starts from a CPU generator seeded with it.
 
-    Resuming: ``on_batch(state)`` receives a JSON-able state (results so far and the generator's state)
-    every ``save_every`` batches and after each attack; passing the last one back as ``state`` to a call
-    with the same settings, weights and data continues from it and gives the same result as an
-    uninterrupted run. A state made with other settings, or damaged, is ignored with a warning.
-    (:mod:`robustkd.jobs` keeps it in a file.)
+    Resuming: ``on_batch(state)`` gets a JSON-able state (results so far, the generator's state) every
+    ``save_every`` batches and after each attack; given back as ``state`` (same settings, weights, data) it
+    continues the run to the same result; other or damaged states are ignored with a warning.
 
     Returns a JSON-able dict with ``settings``, ``attacks`` (per attack: accuracy, binomial stderr,
     correct, total), ``worst_case``, ``per_example`` (correct per attack, first attack that broke each
@@ -140,7 +139,31 @@ def evaluate_robustness(
         threat = threat.replace(restarts=restarts)
     run_device = _check_arguments(model, x, y, batch_size, seed, device, dataset_size, save_every)
     recipes = resolve_attacks(attacks)
-    settings = {
+    settings = _settings(protocol_name, threat, recipes, seed, batch_size, cumulative, run_device)
+    run = _Run(model, x, y.long(), threat, seed, batch_size, run_device, settings, on_batch, save_every)
+    with recording_warnings() as caught, attack_mode(model, None, "eval"):
+        run.caught = caught
+        if checks:
+            _run_checks(model, x[:batch_size].to(run_device), y[:batch_size].to(run_device))
+        resumed = run.restore(state or {})
+        with progress_bar(progress) as bar:
+            for recipe in recipes:
+                if recipe.name not in run.correct:  # else finished before the interruption
+                    run.attack(recipe, cumulative, resumed if _resumes(resumed, recipe) else None, bar)
+    return _result(run, protocol_name, recipes, dataset_size, cumulative)
+
+
+def _settings(
+    protocol_name: str,
+    threat: ThreatModel,
+    recipes: list[AttackRecipe],
+    seed: int,
+    batch_size: int,
+    cumulative: bool,
+    run_device: torch.device,
+) -> dict[str, Any]:
+    """What a saved state must have been made with to be continued."""
+    return {
         "protocol": protocol_name,
         "threat": threat.to_dict(),
         "attacks": [r.name for r in recipes],
@@ -149,21 +172,16 @@ def evaluate_robustness(
         "cumulative": cumulative,
         "device": run_device.type,  # kernels, and so borderline results, differ between devices
     }
-    run = _Run(model, x, y.long(), threat, seed, batch_size, run_device, settings, on_batch, save_every)
+
+
+@contextmanager
+def recording_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning (the result lists the robustness ones), then pass each on to the caller too."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run.caught = caught
-        with attack_mode(model, None, "eval"):
-            if checks:
-                _run_checks(model, x[:batch_size].to(run_device), y[:batch_size].to(run_device))
-            resumed = run.restore(state or {})
-            with progress_bar(progress) as bar:
-                for recipe in recipes:
-                    if recipe.name not in run.correct:  # else finished before the interruption
-                        run.attack(recipe, cumulative, resumed if _resumes(resumed, recipe) else None, bar)
-    for w in caught:  # let the caller see every warning too, not only the report
+        yield caught
+    for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _result(run, protocol_name, recipes, dataset_size, cumulative)
 
 
 def _check_arguments(

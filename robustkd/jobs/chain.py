@@ -131,6 +131,25 @@ def model_record(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     return {"path": str(weights_path(path)), "arch": meta.get("arch"), "method": meta.get("method")}
 
 
+def open_progress(
+    path: str | Path,
+    *,
+    what: str,
+    settings: Mapping[str, Any],
+    tensors: Iterable[tuple[str, Tensor]],
+    resume: bool = True,
+) -> ProgressFile:
+    """The progress file at ``path``, keyed by ``what``, ``settings`` and the named tensors (weights and data).
+
+    A file made for anything else, or unreadable, is ignored with a warning; ``resume=False`` removes it first.
+    Its ``state`` goes to the computation, its ``save`` is the computation's ``on_batch``.
+    """
+    path = Path(path)
+    if not resume:
+        path.unlink(missing_ok=True)
+    return ProgressFile(path, fingerprint({"what": what, **settings}, tensors))
+
+
 def run_resumable(
     out: Path,
     *,
@@ -147,10 +166,7 @@ def run_resumable(
     for anything else is ignored with a warning. ``resume=False`` starts over. ``record`` adds the job's own
     entries (models, data) to the result before it is written; ``"output"`` is added after.
     """
-    path = progress_path(out)
-    if not resume:
-        path.unlink(missing_ok=True)
-    saved = ProgressFile(path, fingerprint({"what": what, **settings}, tensors))
+    saved = open_progress(progress_path(out), what=what, settings=settings, tensors=tensors, resume=resume)
     result = compute(saved.state, saved.save)
     if record is not None:
         record(result)

@@ -53,18 +53,10 @@ def evaluate_faithfulness_checkpoints(
     radii = "_".join(f"{t.eps:g}" for t in threats)
     out = output_path(out, student_path, "faithful_{stem}_" + f"{threats[0].norm}-{radii}.json")
     options = {
-        "eps": eps,
-        "steps": steps,
-        "restarts": restarts,
-        "step_size": step_size,
-        "rho": rho,
-        "norm": norm,
-        "disagreement_searches": disagreement_searches,
-        "gap_surrogates": gap_surrogates,
-        "separate_confidence": separate_confidence,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
+        "eps": eps, "steps": steps, "restarts": restarts, "step_size": step_size, "rho": rho, "norm": norm,
+        "disagreement_searches": disagreement_searches, "gap_surrogates": gap_surrogates,
+        "separate_confidence": separate_confidence, "batch_size": batch_size, "seed": seed,
+    }  # fmt: skip
 
     def compute(state: dict[str, Any], on_batch: Any) -> dict[str, Any]:
         x, y = points.x.to(models.device), points.y.to(models.device)
@@ -74,10 +66,8 @@ def evaluate_faithfulness_checkpoints(
         )  # fmt: skip
 
     def record(result: dict[str, Any]) -> None:
-        result["models"] = {
-            "teacher": model_record(teacher_path, models.teacher_meta),
-            "student": model_record(student_path, models.meta),
-        }
+        result["models"] = {"teacher": model_record(teacher_path, models.teacher_meta)}
+        result["models"]["student"] = model_record(student_path, models.meta)
         result["data"] = points.record()
 
     settings = {**options, "device": models.device.type}
