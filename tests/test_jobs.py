@@ -104,8 +104,7 @@ def test_output_path_and_progress_path(tmp_path):
     ],
 )
 def test_one_dataset_rule(student, teacher, override, expected):
-    models = chain.Models(torch.device("cpu"), _model(), _model(), {"dataset": student}, {"dataset": teacher})
-    assert choose_dataset(models, override) == expected
+    assert choose_dataset({"dataset": student}, {"dataset": teacher}, override) == expected
 
 
 def test_disagreeing_datasets_need_an_explicit_choice(ckpts):

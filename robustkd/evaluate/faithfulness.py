@@ -70,10 +70,9 @@ from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError
 from robustkd.evaluate.robustness import (
     SETTINGS_CHANGED,
-    _model_device,
     _recorded,
     _summary,
-    check_data,
+    check_run,
     progress_bar,
     recording_warnings,
 )
@@ -173,10 +172,12 @@ def threat_models(
     return sorted(threats, key=lambda t: t.eps)
 
 
-def _check_pair(teacher: nn.Module, student: nn.Module) -> None:
+def _check_pair(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Both must be modules; returns them named, the student first (its device is the default one)."""
     for name, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{name}: expected an nn.Module, got {type(model).__name__}")
+    return [("student", student), ("teacher", teacher)]
 
 
 # ------------------------------------------------------------------------------------- summaries
@@ -291,7 +292,7 @@ def evaluate_faithfulness(
     """
     threats = threat_models(eps, norm, steps, restarts, step_size)
     rhos, dis_searches, surrogates = _check_lists(rho, disagreement_searches, gap_surrogates)
-    run_device = _check_arguments(teacher, student, x, y, batch_size, seed, device, dataset_size, save_every)
+    run_device = check_run(_check_pair(teacher, student), x, y, batch_size, seed, device, dataset_size, save_every)
     run = _Run(teacher, student, x, y.long(), threats, rhos, dis_searches, surrogates, separate_confidence)
     run.configure(batch_size, seed, run_device, witness_hook, on_batch, save_every, checks)
     with recording_warnings() as caught, attack_mode(student, teacher, "eval"):
@@ -312,38 +313,6 @@ def _check_lists(
         _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES),
         _check_names("gap_surrogates", gap_surrogates, GAP_SURROGATES),
     )
-
-
-def _check_arguments(
-    teacher: nn.Module,
-    student: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str | None,
-    dataset_size: int | None,
-    save_every: int,
-) -> torch.device:
-    """Refuse nonsense before any work; returns the device the searches run on."""
-    _check_pair(teacher, student)
-    check_data(x, y)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    if dataset_size is not None and (
-        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < x.shape[0]
-    ):
-        raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
-    teacher_device, student_device = _model_device(teacher), _model_device(student)
-    run_device = torch.device(device) if device is not None else (student_device or teacher_device or x.device)
-    for field_name, model_device in (("teacher", teacher_device), ("student", student_device)):
-        if model_device is not None and model_device.type != run_device.type:
-            raise ConfigError(f"device: the {field_name} is on {model_device} but device={run_device}; move it first")
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
-    return run_device
 
 
 @dataclass

@@ -137,7 +137,7 @@ def evaluate_robustness(
     protocol_name, threat = resolve_protocol(protocol)
     if restarts is not None:
         threat = threat.replace(restarts=restarts)
-    run_device = _check_arguments(model, x, y, batch_size, seed, device, dataset_size, save_every)
+    run_device = check_run([("model", model)], x, y, batch_size, seed, device, dataset_size, save_every)
     recipes = resolve_attacks(attacks)
     settings = _settings(protocol_name, threat, recipes, seed, batch_size, cumulative, run_device)
     run = _Run(model, x, y.long(), threat, seed, batch_size, run_device, settings, on_batch, save_every)
@@ -184,8 +184,8 @@ def recording_warnings() -> Iterator[list[warnings.WarningMessage]]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _check_arguments(
-    model: nn.Module,
+def check_run(
+    models: Sequence[tuple[str, nn.Module]],
     x: Tensor,
     y: Tensor,
     batch_size: int,
@@ -194,18 +194,25 @@ def _check_arguments(
     dataset_size: int | None,
     save_every: int,
 ) -> torch.device:
-    """Refuse nonsense before any work; returns the device the attacks run on."""
+    """Refuse nonsense before any work; returns the device the attacks run on (by default the first model's).
+
+    ``models`` are (name, model) pairs; the names go into the messages.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")
     check_data(x, y)
-    if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < x.shape[0]):
+    if dataset_size is not None and (
+        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < x.shape[0]
+    ):
         raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
-    model_device = _model_device(model)
-    run_device = torch.device(device) if device is not None else (model_device or x.device)
-    if model_device is not None and model_device.type != run_device.type:
-        raise ConfigError(f"device: the model is on {model_device} but device={run_device}; move the model first")
+    devices = [(name, _model_device(model)) for name, model in models]
+    known = [d for _, d in devices if d is not None]
+    run_device = torch.device(device) if device is not None else (known[0] if known else x.device)
+    for name, model_device in devices:
+        if model_device is not None and model_device.type != run_device.type:
+            raise ConfigError(f"device: the {name} is on {model_device} but device={run_device}; move it first")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
     return run_device

@@ -6,13 +6,21 @@ The chain is written once in :mod:`robustkd.jobs.chain`; each job is a few lines
 """
 
 from robustkd.jobs.certification import certify_checkpoints
-from robustkd.jobs.chain import choose_dataset, load_models, load_points, load_test_points, output_path
+from robustkd.jobs.chain import (
+    FOREIGN_SUFFIXES,
+    choose_dataset,
+    load_models,
+    load_points,
+    load_test_points,
+    output_path,
+)
 from robustkd.jobs.export import export_onnx
 from robustkd.jobs.faithfulness import evaluate_faithfulness_checkpoints
 from robustkd.jobs.progress import ProgressFile, progress_path
 from robustkd.jobs.robustness import evaluate_checkpoint
 
 __all__ = [
+    "FOREIGN_SUFFIXES",
     "ProgressFile",
     "certify_checkpoints",
     "choose_dataset",

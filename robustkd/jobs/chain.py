@@ -76,14 +76,16 @@ def load_models(
     return models
 
 
-def choose_dataset(models: Models, dataset: str | None) -> str | None:
+def choose_dataset(
+    student_meta: Mapping[str, Any], teacher_meta: Mapping[str, Any], dataset: str | None = None
+) -> str | None:
     """The one dataset rule: ``dataset`` when given; else the one both checkpoints name (refused when they differ).
 
     A checkpoint that names no dataset (a foreign ``.pt``) takes the other's; None when neither names one.
     """
     if dataset is not None:
         return dataset
-    mine, theirs = models.meta.get("dataset"), models.teacher_meta.get("dataset")
+    mine, theirs = student_meta.get("dataset"), teacher_meta.get("dataset")
     if mine and theirs and mine != theirs:
         raise ConfigError(
             f"dataset: the teacher was trained on {theirs!r} but the student on {mine!r}; "
@@ -111,7 +113,7 @@ def load_points(
     models: Models, n_examples: int | None, data_root: str | None = None, dataset: str | None = None
 ) -> Points:
     """The job's test points, from the dataset :func:`choose_dataset` picks; the student's sidecar records it."""
-    chosen = choose_dataset(models, dataset)
+    chosen = choose_dataset(models.meta, models.teacher_meta, dataset)
     if chosen is not None:
         models.meta["dataset"] = chosen
     x, y, n_total, source = load_test_points(models.meta, n_examples, data_root)

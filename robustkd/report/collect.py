@@ -33,7 +33,6 @@ from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.report.settings import ReportSettings
 
 CACHE_DIR = "report_cache"
-FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass
@@ -82,7 +81,7 @@ def _model(name: str, role: str, weights: Path) -> Model:
 
 
 def _student_weights(path: Path, checkpoint: str) -> Path:
-    if path.suffix in FOREIGN_SUFFIXES:
+    if path.suffix in jobs.FOREIGN_SUFFIXES:
         raise ConfigError(f"{path}: a bare state dict is no run; give a run dir holding {checkpoint}.safetensors")
     if path.is_dir():
         if not (path / f"{checkpoint}.safetensors").is_file():
@@ -111,7 +110,7 @@ def _teacher_weights(student: Model, override: str | Path | None) -> Path:
                 "evaluates robustkd checkpoints only: save that teacher with robustkd.checkpoint.save_checkpoint "
                 "and pass --teacher PATH"
             )
-    if Path(named).suffix in FOREIGN_SUFFIXES:
+    if Path(named).suffix in jobs.FOREIGN_SUFFIXES:
         raise ConfigError(f"teacher: {named} is a bare state dict; save it as a robustkd checkpoint first")
     try:
         return resolve(named)
@@ -142,12 +141,7 @@ def find_models(
         student.teacher = teachers[key]
         if key == weights.resolve():
             raise ConfigError(f"runs: {raw} is its own teacher")
-        t_data, s_data = student.teacher.meta.get("dataset"), student.meta.get("dataset")
-        if t_data and s_data and t_data != s_data:
-            raise ConfigError(
-                f"dataset: {student.checkpoint} was trained on {s_data!r} but its teacher on {t_data!r}; "
-                "a report compares both on one test split"
-            )
+        jobs.choose_dataset(student.meta, student.teacher.meta)  # a report compares both on one test split
         students.append(student)
     _unique_names([*teachers.values(), *students])
     return list(teachers.values()), students
