@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,22 @@ def certify_checkpoints(
     )
 
 
+@dataclass
 class _Batches:
     """``certify``'s per-example results, one batch at a time, each batch handed out for a resume.
 
     The batches are exactly those ``certify`` would run on all of x, so the numbers are the same.
     """
 
-    def __init__(self, models: Models, x: Tensor, y: Tensor, threat: ThreatModel, method: str, *rest: Any) -> None:
-        self.models, self.x, self.y, self.threat, self.method = models, x, y, threat, method
-        self.batch_size, self.joint, self.rho, self.progress = rest
+    models: Models
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel
+    method: str
+    batch_size: int
+    joint: bool
+    rho: Sequence[float]
+    progress: bool
 
     def per_example(self, state: dict[str, Any], on_batch: Callable[[dict[str, Any]], None]) -> dict[str, list[Any]]:
         done, n_done = self._restore(state)
