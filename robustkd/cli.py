@@ -86,7 +86,7 @@ EVALUATE_EXAMPLES = """examples:
 
 
 def _evaluate(argv: list[str]) -> int:
-    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
+    from robustkd.jobs import evaluate_checkpoint
 
     parser = _command_parser(
         "robustkd evaluate",
@@ -145,7 +145,7 @@ CERTIFY_EXAMPLES = """examples:
 
 
 def _certify(argv: list[str]) -> int:
-    from robustkd.certify.checkpoints import certify_checkpoints
+    from robustkd.jobs import certify_checkpoints
 
     parser = _command_parser(
         "robustkd certify",
@@ -403,7 +403,8 @@ EXPORT_EXAMPLES = """examples:
 
 
 def _export_command(argv: list[str]) -> int:
-    from robustkd.export import CALIBRATION_TOLERANCE, EXPORTERS, LOGIT_TOLERANCE, export_onnx
+    from robustkd.export import CALIBRATION_TOLERANCE, EXPORTERS, LOGIT_TOLERANCE
+    from robustkd.jobs import export_onnx
 
     parser = _command_parser(
         "robustkd export",

@@ -1,6 +1,7 @@
-"""Export a checkpoint to ONNX and check the exported graph against the PyTorch model on the test set.
+"""Export a model to ONNX and check the exported graph against the PyTorch model on given points.
 
-The check runs the ``.onnx`` file with onnxruntime (CPU) on the test points and compares it with the
+The check runs the ``.onnx`` file with onnxruntime (CPU) on the points (:mod:`robustkd.jobs` passes a
+checkpoint's test points) and compares it with the
 PyTorch model: the share of points with the same predicted class and the largest absolute logit
 difference. With a teacher, the relative-calibration metrics of the faithfulness evaluation
 (:func:`robustkd.evaluate.evaluate_faithfulness` at eps 0: agreement with the teacher and the confidence
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from robustkd.errors import ConfigError, RobustKDError
+from robustkd.evaluate.faithfulness import evaluate_faithfulness
+from robustkd.evaluate.robustness import progress_bar
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 DEFAULT_OPSET = {"dynamo": 18, "legacy": 17}
@@ -140,6 +143,10 @@ def _export(
         )
     else:
         order = [exporter]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"onnx: cannot create the folder {path.parent} ({err})") from err
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     errors = []
     try:
@@ -199,8 +206,6 @@ def calibration_metrics(result: dict[str, Any]) -> dict[str, float]:
 def _compare_calibration(
     teacher: nn.Module, student: nn.Module, onnx_student: nn.Module, x: Tensor, y: Tensor, batch_size: int, tol: float
 ) -> dict[str, Any]:
-    from robustkd.evaluate.faithfulness import evaluate_faithfulness
-
     def run(model: nn.Module) -> dict[str, Any]:
         return evaluate_faithfulness(
             teacher, model, x, y, eps=0.0, batch_size=batch_size, device="cpu", progress=False, checks=False
@@ -234,34 +239,16 @@ _HEADLINE = (
 )
 
 
-def export_onnx(
-    checkpoint: str | Path,
+def check_options(
     onnx_path: str | Path,
     *,
-    teacher: str | Path | None = None,
-    n_examples: int | None = None,
     batch_size: int = 256,
     exporter: str = "auto",
     opset: int | None = None,
     logit_tolerance: float = LOGIT_TOLERANCE,
     calibration_tolerance: float = CALIBRATION_TOLERANCE,
-    data_root: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Export ``checkpoint`` to ``onnx_path`` and check the ONNX graph against the PyTorch model.
-
-    ``n_examples``: the first N test points of the checkpoint's dataset (None: all). The check passes when
-    every point gets the same class, the largest logit difference is at most ``logit_tolerance`` and, with
-    a ``teacher`` checkpoint, every relative-calibration number against the teacher moves by at most
-    ``calibration_tolerance``. The result (a JSON-able dict, ``"passed"`` among it) is written next to the
-    .onnx as ``<name>.export.json`` and into the run dir as ``export_<checkpoint>.json`` (which
-    ``robustkd report`` shows); the function does not raise on a failed check.
-    """
-    from robustkd.checkpoint import load_model, resolve
-    from robustkd.evaluate.checkpoint_eval import load_test_points
-    from robustkd.evaluate.robustness import _progress
-    from robustkd.io import atomic_write_json
-
+) -> Path:
+    """Refuse bad export options before any work; returns the .onnx path."""
     onnx_path = Path(onnx_path)
     if onnx_path.is_dir():
         raise ConfigError(f"onnx: {onnx_path} is a folder; give a file name such as {onnx_path / 'student.onnx'}")
@@ -276,85 +263,86 @@ def export_onnx(
     for field, value in (("logit_tolerance", logit_tolerance), ("calibration_tolerance", calibration_tolerance)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise ConfigError(f"{field}: must be a number >= 0, got {value!r}")
+    _require_onnx()
+    return onnx_path
+
+
+def export_model(
+    model: nn.Module,
+    onnx_path: str | Path,
+    x: Tensor,
+    *,
+    teacher: nn.Module | None = None,
+    y: Tensor | None = None,
+    batch_size: int = 256,
+    exporter: str = "auto",
+    opset: int | None = None,
+    logit_tolerance: float = LOGIT_TOLERANCE,
+    calibration_tolerance: float = CALIBRATION_TOLERANCE,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``model`` to ``onnx_path`` and check the graph against it on the points ``x`` (images in [0, 1]).
+
+    The check passes when every point gets the same class, the largest logit difference is at most
+    ``logit_tolerance`` and, with a ``teacher`` (and labels ``y``), every relative-calibration number against
+    the teacher moves by at most ``calibration_tolerance``. Returns a JSON-able dict, ``"passed"`` among it;
+    a failed check does not raise.
+    """
+    tolerances = {"logit_tolerance": logit_tolerance, "calibration_tolerance": calibration_tolerance}
+    onnx_path = check_options(onnx_path, batch_size=batch_size, exporter=exporter, opset=opset, **tolerances)
     onnx, ort = _require_onnx()
-
-    weights = resolve(checkpoint)
-    model = load_model(checkpoint)
-    meta = dict(model.robustkd_meta)
-    teacher_model = None
-    if teacher is not None:
-        teacher_model = load_model(teacher)
-        t_meta = teacher_model.robustkd_meta
-        if int(t_meta.get("num_classes", -1)) != int(meta["num_classes"]):
-            raise ConfigError(
-                f"teacher: {teacher} has {t_meta.get('num_classes')} classes but the student {meta['num_classes']}"
-            )
-        if t_meta.get("dataset") and meta.get("dataset") and t_meta["dataset"] != meta["dataset"]:
-            raise ConfigError(f"teacher: trained on {t_meta['dataset']!r}, the student on {meta['dataset']!r}")
-    x, y, n_total, source = load_test_points(meta, n_examples, data_root)
-    try:
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"onnx: cannot create the folder {onnx_path.parent} ({err})") from err
-
     timing: dict[str, float] = {}
     notes: list[str] = []
     start = time.perf_counter()
     used, used_opset = _export(model, x[: min(2, len(x))].clone(), onnx_path, exporter, opset, notes)
     timing["export"] = time.perf_counter() - start
-    try:
-        onnx.checker.check_model(str(onnx_path))
-    except Exception as err:  # onnx raises its own ValidationError type
-        raise RobustKDError(f"{onnx_path}: the exported graph fails onnx.checker ({err})") from err
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_model = OnnxModule(session)
-
+    onnx_model = _session(onnx, ort, onnx_path)
     start = time.perf_counter()
-    with _progress(progress) as bar:
-        task_t = bar.add_task("pytorch", total=len(x)) if bar is not None else None
-        ref = _logits(model, x, batch_size, bar, task_t)
-        task_o = bar.add_task("onnxruntime", total=len(x)) if bar is not None else None
-        got = _logits(onnx_model, x, batch_size, bar, task_o)
+    ref, got = _both_logits(model, onnx_model, x, batch_size, progress)
     timing["check"] = time.perf_counter() - start
     same = ref.argmax(dim=1) == got.argmax(dim=1)
     max_diff = (ref - got).abs().max().item()
-    agreement = same.double().mean().item()
     calibration = None
-    if teacher_model is not None:
+    if teacher is not None:
         start = time.perf_counter()
-        calibration = _compare_calibration(
-            teacher_model, model, onnx_model, x, y, batch_size, float(calibration_tolerance)
-        )
+        tol = float(calibration_tolerance)
+        calibration = _compare_calibration(teacher, model, onnx_model, x, y, batch_size, tol)
         timing["calibration"] = time.perf_counter() - start
-    passed = bool(same.all()) and max_diff <= logit_tolerance and (calibration is None or calibration["unchanged"])
-
-    result = {
-        "checkpoint": str(weights.with_suffix("")),
-        "weights_sha256": _sha256(weights),
+    return {
         "onnx": str(onnx_path),
         "onnx_sha256": _sha256(onnx_path),
         "exporter": used,
         "opset": used_opset,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
-        "input_shape": ["batch", *meta["input_shape"]],
+        "input_shape": ["batch", *x.shape[1:]],
         "input_range": "[0, 1]; the normalisation is inside the graph",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-        "data": {"dataset": meta.get("dataset"), "source": source, "split": "test", "n": len(y), "n_total": n_total},
-        "subset": len(y) < n_total,
-        "agreement": agreement,
+        "agreement": same.double().mean().item(),
         "disagreeing_points": int((~same).sum()),
         "max_logit_diff": max_diff,
         "logit_tolerance": logit_tolerance,
-        "teacher": None if teacher is None else str(resolve(teacher).with_suffix("")),
         "calibration": calibration,
-        "passed": passed,
+        "passed": bool(same.all()) and max_diff <= logit_tolerance and (calibration or {}).get("unchanged", True),
         "notes": notes,
         "timing": timing,
     }
-    beside = onnx_path.with_name(onnx_path.stem + ".export.json")
-    in_run = weights.with_name(f"export_{weights.stem}.json")
-    atomic_write_json(beside, result)
-    atomic_write_json(in_run, result)
-    result["outputs"] = [str(beside), str(in_run)]
-    return result
+
+
+def _session(onnx: Any, ort: Any, onnx_path: Path) -> OnnxModule:
+    try:
+        onnx.checker.check_model(str(onnx_path))
+    except Exception as err:  # onnx raises its own ValidationError type
+        raise RobustKDError(f"{onnx_path}: the exported graph fails onnx.checker ({err})") from err
+    return OnnxModule(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]))
+
+
+def _both_logits(
+    model: nn.Module, onnx_model: nn.Module, x: Tensor, batch_size: int, progress: bool
+) -> tuple[Tensor, Tensor]:
+    with progress_bar(progress) as bar:
+        task_t = bar.add_task("pytorch", total=len(x)) if bar is not None else None
+        ref = _logits(model, x, batch_size, bar, task_t)
+        task_o = bar.add_task("onnxruntime", total=len(x)) if bar is not None else None
+        got = _logits(onnx_model, x, batch_size, bar, task_o)
+    return ref, got

@@ -9,7 +9,8 @@ from torch import nn
 from robustkd.certify import input_box, interval_bounds, margin_spec
 from robustkd.certify._graph import build_graph
 from robustkd.certify._propagate import BoundState
-from robustkd.certify.lirpa import lirpa_available, lirpa_bounds
+from robustkd.certify.bounds import lirpa_bounds
+from robustkd.certify.lirpa import lirpa_available
 from robustkd.errors import RobustKDError
 from robustkd.models.layers import Normalize, Residual
 

@@ -14,7 +14,7 @@ import robustkd
 from robustkd.certify import certified_accuracy
 from robustkd.config import from_dict
 from robustkd.evaluate import evaluate_robustness
-from robustkd.evaluate.checkpoint_eval import load_test_points
+from robustkd.jobs import load_test_points
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from robustkd.attacks import ProbabilityOutputWarning, make_objective
 from robustkd.errors import ConfigError
-from robustkd.evaluate import checkpoint_eval, evaluate_faithfulness, evaluate_faithfulness_checkpoints
+from robustkd.evaluate import evaluate_faithfulness
+from robustkd.jobs import chain, evaluate_faithfulness_checkpoints
 
 
 def run(teacher, student, x, y, **kwargs):
@@ -392,7 +393,7 @@ def test_checkpoints_are_evaluated_on_the_student_test_split(tmp_path, monkeypat
             "fake",
         )
 
-    monkeypatch.setattr(checkpoint_eval, "load_test_points", fake_points)
+    monkeypatch.setattr(chain, "load_test_points", fake_points)
     out = evaluate_faithfulness_checkpoints(
         tmp_path / "teacher",
         tmp_path / "student",

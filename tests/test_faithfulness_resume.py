@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 import robustkd.evaluate.faithfulness as faithfulness
-from robustkd.evaluate import checkpoint_eval, evaluate_faithfulness, evaluate_faithfulness_checkpoints
-from robustkd.evaluate.checkpoint_eval import progress_path
+from robustkd.evaluate import evaluate_faithfulness
 from robustkd.io import temporary_files
+from robustkd.jobs import chain, evaluate_faithfulness_checkpoints, progress_path
+from robustkd.jobs.progress import model_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 # Two radii, several batches each, every search and the separate confidences: all the state that must survive.
@@ -44,6 +45,13 @@ class Stop(Exception):
 
 def _strip(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("timing", "output")}
+
+
+def _with_progress(teacher, student, x, y, *, progress_file, **kwargs) -> dict:
+    """``evaluate_faithfulness`` with its state kept in ``progress_file``, as the jobs keep it."""
+    tensors = [*model_tensors("student", student), *model_tensors("teacher", teacher), ("x", x), ("y", y)]
+    saved = chain.open_progress(progress_file, what="faithfulness", settings={}, tensors=tensors)
+    return evaluate_faithfulness(teacher, student, x, y, state=saved.state, on_batch=saved.save, **kwargs)
 
 
 @pytest.fixture
@@ -96,7 +104,7 @@ def test_interrupted_evaluation_resumes_bit_exact(pair, reference, spy, tmp_path
     uninterrupted = spy["log"][:]
 
     def run():
-        return evaluate_faithfulness(teacher, student, x, y, progress_file=saved, save_every=save_every, **SETTINGS)
+        return _with_progress(teacher, student, x, y, progress_file=saved, save_every=save_every, **SETTINGS)
 
     before = _stopped(spy, at, run)
     assert len(before) == at - 1 < len(uninterrupted) and saved.is_file()
@@ -115,10 +123,10 @@ def test_interrupted_evaluation_resumes_bit_exact(pair, reference, spy, tmp_path
 def test_finished_progress_is_reused_without_searching(pair, reference, spy, tmp_path):
     teacher, student, x, y = pair
     saved = tmp_path / "faithful.progress.json"
-    evaluate_faithfulness(teacher, student, x, y, progress_file=saved, **SETTINGS)
+    _with_progress(teacher, student, x, y, progress_file=saved, **SETTINGS)
     assert saved.is_file()  # the caller removes it once the result is kept
     spy.update(log=[], n=0)
-    assert _strip(evaluate_faithfulness(teacher, student, x, y, progress_file=saved, **SETTINGS)) == _strip(reference)
+    assert _strip(_with_progress(teacher, student, x, y, progress_file=saved, **SETTINGS)) == _strip(reference)
     assert spy["n"] == 0
 
 
@@ -128,7 +136,7 @@ def test_progress_for_other_settings_weights_or_data_or_damaged_is_ignored(pair,
 
     def run(**over):
         args = {"teacher": teacher, "student": student, "x": x, "y": y, **SETTINGS, **over}
-        return evaluate_faithfulness(**args, progress_file=saved)
+        return _with_progress(**args, progress_file=saved)
 
     spy["n"] = 0
     run()
@@ -194,7 +202,7 @@ def test_checkpoints_resume_and_remove_their_progress(tmp_path, monkeypatch, spy
     def fake_points(meta, n_examples, data_root=None):
         return x[:n_examples], y[:n_examples], 50, "fake"
 
-    monkeypatch.setattr(checkpoint_eval, "load_test_points", fake_points)
+    monkeypatch.setattr(chain, "load_test_points", fake_points)
     args = {"eps": [0.05, 0.1], "n_examples": 24, "steps": 2, "restarts": 1, "batch_size": 2, "device": "cpu"}
     args.update(progress=False)
     reference = evaluate_faithfulness_checkpoints(tmp_path / "teacher", tmp_path / "student", **args)
@@ -230,6 +238,7 @@ import torch
 
 torch.set_num_threads(spec["threads"])
 import robustkd.evaluate.faithfulness as faithfulness
+import robustkd.jobs as jobs
 
 fault = spec["fault"]
 calls = {"n": 0}
@@ -264,7 +273,7 @@ elif fault["kind"] == "rename":  # between writing the progress file in full and
     os.replace = replace
 
 kwargs = spec["kwargs"]
-faithfulness.evaluate_faithfulness_checkpoints(kwargs.pop("teacher"), kwargs.pop("student"), **kwargs)
+jobs.evaluate_faithfulness_checkpoints(kwargs.pop("teacher"), kwargs.pop("student"), **kwargs)
 """
 
 

@@ -27,11 +27,10 @@ from PIL import Image
 from safetensors import safe_open
 
 import robustkd
-from robustkd.certify.checkpoints import certify_checkpoints
 from robustkd.checkpoint import load_model, read_meta
 from robustkd.errors import RobustKDError
-from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint, progress_path
 from robustkd.io import WriteError, atomic_write_bytes, preflight_write, temporary_files
+from robustkd.jobs import certify_checkpoints, evaluate_checkpoint, progress_path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c", "d")
@@ -102,7 +101,7 @@ elif kind == "attack_batch":  # inside the evaluation, before its `at`-th attack
 
     AttackRecipe.run = run
 elif kind == "certify_batch":  # inside the certification, before its `at`-th batch
-    import robustkd.certify.checkpoints as checkpoints
+    import robustkd.jobs.certification as checkpoints
 
     real_certify = checkpoints.certify
 
@@ -458,7 +457,7 @@ def test_certification_killed_resumes_from_saved_examples(world, tmp_path, monke
     saved = json.loads(progress_path(out).read_text())["state"]["per_example"]
     assert len(saved["gap_upper"]) == 16  # four batches of four were kept
 
-    import robustkd.certify.checkpoints as checkpoints
+    import robustkd.jobs.certification as checkpoints
 
     calls = {"n": 0}
     real = checkpoints.certify
@@ -543,7 +542,7 @@ def test_progress_saved_for_other_settings_or_damaged_is_not_used(world, referen
 @pytest.mark.parametrize("pair", [True, False])
 def test_batched_certification_equals_one_certify_call(world, tmp_path, pair):
     from robustkd.certify import certify
-    from robustkd.evaluate.checkpoint_eval import load_test_points
+    from robustkd.jobs import load_test_points
 
     run = world["reference"].run_dir
     student, teacher = load_model(run / "best"), load_model(run / "last") if pair else None

@@ -102,7 +102,7 @@ def _rows(result):
 
 
 def test_robustness_equals_robustkd_evaluate(report, runs, tmp_path):
-    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
+    from robustkd.jobs import evaluate_checkpoint
 
     result, _ = report
     rows = _rows(result)
@@ -133,8 +133,7 @@ def test_robustness_equals_robustkd_evaluate(report, runs, tmp_path):
 
 
 def test_faithfulness_and_certificates_equal_their_functions(report, runs, tmp_path):
-    from robustkd.certify.checkpoints import certify_checkpoints
-    from robustkd.evaluate import evaluate_faithfulness_checkpoints
+    from robustkd.jobs import certify_checkpoints, evaluate_faithfulness_checkpoints
 
     result, _ = report
     rows = _rows(result)
@@ -187,8 +186,7 @@ def test_size_speed_and_training_curves(report, runs):
 
 
 def test_results_are_cached_and_keyed_by_settings(report, runs, tmp_path, monkeypatch):
-    from robustkd.certify import checkpoints
-    from robustkd.evaluate import checkpoint_eval, faithfulness
+    import robustkd.jobs as jobs
 
     result, _ = report
 
@@ -197,9 +195,9 @@ def test_results_are_cached_and_keyed_by_settings(report, runs, tmp_path, monkey
 
     with monkeypatch.context() as m:
         for module, name in (
-            (checkpoint_eval, "evaluate_checkpoint"),
-            (faithfulness, "evaluate_faithfulness_checkpoints"),
-            (checkpoints, "certify_checkpoints"),
+            (jobs, "evaluate_checkpoint"),
+            (jobs, "evaluate_faithfulness_checkpoints"),
+            (jobs, "certify_checkpoints"),
         ):
             m.setattr(module, name, refuse)
         again = robustkd.report([runs["kd"], runs["ard"]], tmp_path / "again", device="cpu", progress=False, **OPTIONS)

@@ -201,3 +201,17 @@ def margin_bounds(
     """Bounds ``(B, K-1)`` of the margins ``z_j - z_y`` (j != y, increasing j) over the ball."""
     C = margin_spec(y, num_classes_of(model, x), dtype=x.dtype)
     return interval_bounds(model, x, eps, method=method, C=C, **kwargs)
+
+
+def lirpa_bounds(
+    model: nn.Module, x: Tensor, eps: float | Tensor, method: str = "CROWN", C: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """auto_LiRPA bounds of ``C @ logits`` over ``Ball_inf(x, eps) ∩ [0, 1]^d``; ``method`` is one of
+    ``IBP``, ``CROWN-IBP``, ``CROWN``, ``alpha-CROWN``. Raises ``RobustKDError`` naming the install
+    command when auto_LiRPA is missing."""
+    from robustkd.certify.lirpa import lirpa_box_bounds
+
+    x_lower, x_upper = input_box(x, eps)
+    if C is not None:
+        C = C.to(dtype=x.dtype)
+    return lirpa_box_bounds(model, x_lower, x_upper, method, C)

@@ -38,7 +38,7 @@ def lirpa_available() -> bool:
 def _import_lirpa() -> Any:
     if importlib.util.find_spec("auto_LiRPA") is None:
         raise RobustKDError(f"the auto_LiRPA backend needs auto_LiRPA 0.3; install it with `{INSTALL_HINT}`")
-    from robustkd.certify import _lirpa_compat
+    import robustkd.certify._lirpa_compat as _lirpa_compat
 
     _lirpa_compat.apply()
     try:
@@ -105,17 +105,3 @@ def lirpa_box_bounds(
             "use a native verifier (ibp, crown-ibp, best, crown) for it"
         ) from exc
     return lower, upper
-
-
-def lirpa_bounds(
-    model: nn.Module, x: Tensor, eps: float | Tensor, method: str = "CROWN", C: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """auto_LiRPA bounds of ``C @ logits`` over ``Ball_inf(x, eps) ∩ [0, 1]^d``; ``method`` is one of
-    ``IBP``, ``CROWN-IBP``, ``CROWN``, ``alpha-CROWN``. Raises ``RobustKDError`` naming the install
-    command when auto_LiRPA is missing."""
-    from robustkd.certify.bounds import input_box
-
-    x_lower, x_upper = input_box(x, eps)
-    if C is not None:
-        C = C.to(dtype=x.dtype)
-    return lirpa_box_bounds(model, x_lower, x_upper, method, C)

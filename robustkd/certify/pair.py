@@ -26,13 +26,15 @@ and for auto_LiRPA verifiers, CROWN ones for ``crown``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustkd.attacks.threat import ThreatModel
 from robustkd.certify._graph import build_graph
 from robustkd.certify._propagate import BoundState
 from robustkd.certify.bounds import Verifier, get_verifier, input_box
@@ -202,18 +204,32 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(n: int, batch_size: int, progress: bool, description: str):
-    starts = range(0, n, batch_size)
+def batch_starts(n: int, batch_size: int, progress: bool, description: str, first: int = 0) -> Iterator[int]:
+    """The first index of each batch from ``first`` on, behind a transient progress bar when ``progress``."""
+    starts = range(first, n, batch_size)
     if not progress:
         yield from starts
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task(description, total=n)
+        task = bar.add_task(description, total=n, completed=first)
         for start in starts:
             yield start
             bar.update(task, advance=min(batch_size, n - start))
+
+
+def as_threat(eps: float | ThreatModel | str | Mapping[str, Any], field: str = "eps") -> ThreatModel:
+    """The Linf ball a certificate is about: a ThreatModel, a preset name, a mapping, or a bare radius in [0, 1]."""
+    if isinstance(eps, ThreatModel | str | Mapping):
+        threat = ThreatModel.parse(dict(eps) if isinstance(eps, Mapping) else eps, field=field)
+    elif isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps <= 1:
+        raise ConfigError(f"{field}: must be a number in [0, 1] (images live in [0, 1]), got {eps!r}")
+    else:
+        threat = ThreatModel("linf", float(eps))
+    if threat.norm != "linf":
+        raise ConfigError(f"{field}: certificates are over the Linf ball, got a {threat.norm} threat model")
+    return threat
 
 
 def certify(
@@ -221,7 +237,7 @@ def certify(
     student: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float | Tensor,
+    eps: float | Tensor | ThreatModel | str,
     method: str = "ibp",
     batch_size: int = 256,
     *,
@@ -233,13 +249,14 @@ def certify(
 ) -> dict[str, Any]:
     """Certify a student against its teacher on a dataset; returns a JSON-able summary.
 
-    ``x`` holds images in [0, 1] (float) or uint8 (divided by 255 per batch); ``eps`` is a number or one
-    value per point. Both models are put in eval mode for the run (certificates are about the deployed
-    network) and their modes restored afterwards; with ``device`` they are moved there, else the data goes
-    to the student's device. Rates are fractions in [0, 1]: clean and certified accuracy of each network
-    over all points; and, on P (teacher-correct points) and on the both-correct subset, the share
-    certified to agree and certified (eps, rho)-faithful per rho, with statistics of ``gap_upper``.
-    ``teacher=None`` certifies the student alone (clean and certified accuracy).
+    ``x`` holds images in [0, 1] (float) or uint8 (divided by 255 per batch). ``eps`` is the ball: a
+    :class:`~robustkd.attacks.ThreatModel` (Linf) or a preset name such as ``"linf-0.1"``, a bare radius
+    (``ThreatModel("linf", eps)``), or a tensor of one radius per point. Both models are put in eval mode for
+    the run (certificates are about the deployed network) and their modes restored afterwards; with ``device``
+    they are moved there, else the data goes to the student's device. Rates are fractions in [0, 1]: clean and
+    certified accuracy of each network over all points; and, on P (teacher-correct points) and on the
+    both-correct subset, the share certified to agree and certified (eps, rho)-faithful per rho, with
+    statistics of ``gap_upper``. ``teacher=None`` certifies the student alone (clean and certified accuracy).
     """
     verifier = get_verifier(method)  # fail on a bad name before any work
     if batch_size < 1:
@@ -248,36 +265,52 @@ def certify(
         raise ConfigError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise ConfigError("no points to certify")
+    radius = eps if torch.is_tensor(eps) else as_threat(eps).eps
     models = [m for m in (teacher, student) if m is not None]
     if device is not None:
         for m in models:
             m.to(device)
     target = torch.device(device) if device is not None else _model_device(student)
-    eps_all = torch.as_tensor(eps, dtype=torch.float32)
-    per_point_eps = eps_all.dim() == 1
-    n = x.shape[0]
-    parts: dict[str, list[Tensor]] = {}
-    with ExitStack() as stack:
-        stack.enter_context(_eval_mode(*models))
-        for start in _batches(n, batch_size, progress, f"certify ({method})"):
-            xb = x[start : start + batch_size].to(target)
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-            yb = y[start : start + batch_size].to(target)
-            eb = eps_all[start : start + batch_size].to(target) if per_point_eps else float(eps_all)
-            if teacher is None:
-                r = certify_model(student, xb, yb, eb, method=method)
-            else:
-                r = certify_pair(teacher, student, xb, yb, eb, method=method, joint=joint, rho=rho)
-            for key, value in r.items():
-                parts.setdefault(key, []).append(value.cpu())
-    r = {key: torch.cat(values) for key, values in parts.items()}
-    eps_out = eps_all.tolist() if per_point_eps else float(eps_all)
+    eps_all = torch.as_tensor(radius, dtype=torch.float32)
+    with _eval_mode(*models):
+        r = _certify_batches(teacher, student, x, y, eps_all, method, batch_size, joint, rho, progress, target)
+    eps_out = eps_all.tolist() if eps_all.dim() == 1 else float(eps_all)
     summary = summarize(
         r, pair=teacher is not None, backend=verifier.backend, eps=eps_out, method=method, joint=joint, rho=rho
     )
     if per_example:
         summary["per_example"] = {key: value.tolist() for key, value in r.items()}
     return summary
+
+
+def _certify_batches(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_all: Tensor,
+    method: str,
+    batch_size: int,
+    joint: bool,
+    rho: Sequence[float],
+    progress: bool,
+    target: torch.device,
+) -> dict[str, Tensor]:
+    """Per-example certificates of every point, batch by batch, on the CPU."""
+    per_point_eps = eps_all.dim() == 1
+    parts: dict[str, list[Tensor]] = {}
+    for start in batch_starts(x.shape[0], batch_size, progress, f"certify ({method})"):
+        xb = x[start : start + batch_size].to(target)
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+        yb = y[start : start + batch_size].to(target)
+        eb = eps_all[start : start + batch_size].to(target) if per_point_eps else float(eps_all)
+        if teacher is None:
+            r = certify_model(student, xb, yb, eb, method=method)
+        else:
+            r = certify_pair(teacher, student, xb, yb, eb, method=method, joint=joint, rho=rho)
+        for key, value in r.items():
+            parts.setdefault(key, []).append(value.cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def summarize(

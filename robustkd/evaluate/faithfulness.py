@@ -38,6 +38,14 @@ the step size, hence every trajectory, changes with the steps: stronger in pract
 Cost per point of P and per eps, with R restarts and S steps: each search runs at most R * S forward and
 backward passes through both networks (disagreement searches stop early on a found point), plus one
 scoring forward of both per restart and one re-scoring forward of both at the returned point.
+
+:func:`evaluate_faithfulness` returns a JSON-able dict: ``settings``; ``clean`` (clean accuracy of each
+network, the share of points where they agree, the size of P); ``results``, one block per eps with
+``teacher_correct`` (P) and ``both_correct`` summaries (disagreement rate, faithful shares per rho, distributions
+of G_under, G_over, two-sided G and the clean gap: mean, min, q50, q90, q99, max and the share above each rho)
+and ``found_by`` (which search found each disagreement first); ``per_example`` (teacher/student correct and the
+clean gap for every point; per eps, disagreement found, G_under and G_over, None outside P); ``warnings``;
+``timing`` (seconds, the only non-deterministic entry).
 """
 
 from __future__ import annotations
@@ -48,8 +56,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -61,8 +68,15 @@ from robustkd.attacks.engine import attack_mode, perturb
 from robustkd.attacks.objectives import ConfidenceGap, Disagreement, Mismatch, Objective
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError
-from robustkd.evaluate.progress import ProgressFile, fingerprint, model_tensors, pack_tensor, unpack_tensor
-from robustkd.evaluate.robustness import _model_device, _progress, _recorded, _summary, check_data
+from robustkd.evaluate.robustness import (
+    SETTINGS_CHANGED,
+    _recorded,
+    _summary,
+    check_run,
+    progress_bar,
+    recording_warnings,
+)
+from robustkd.evaluate.state import pack_tensor, settings_match, unpack_tensor
 
 DISAGREEMENT_SEARCHES = ("student_flip", "teacher_flip", "mismatch")
 GAP_SURROGATES = ("prob", "log")
@@ -140,9 +154,10 @@ def _check_rho(rho: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _threats(
+def threat_models(
     eps: float | Sequence[float], norm: str, steps: int, restarts: int, step_size: float | None
 ) -> list[ThreatModel]:
+    """One threat model per radius, checked, in ascending order of eps."""
     values = [eps] if isinstance(eps, numbers.Real) else eps
     if isinstance(values, str) or not isinstance(values, Sequence):
         raise ConfigError(f"eps: expected a number or a list of numbers, got {eps!r}")
@@ -157,10 +172,12 @@ def _threats(
     return sorted(threats, key=lambda t: t.eps)
 
 
-def _check_pair(teacher: nn.Module, student: nn.Module) -> None:
-    for field, model in (("teacher", teacher), ("student", student)):
+def _check_pair(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Both must be modules; returns them named, the student first (its device is the default one)."""
+    for name, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"{field}: expected an nn.Module, got {type(model).__name__}")
+            raise ConfigError(f"{name}: expected an nn.Module, got {type(model).__name__}")
+    return [("student", student), ("teacher", teacher)]
 
 
 # ------------------------------------------------------------------------------------- summaries
@@ -248,7 +265,8 @@ def evaluate_faithfulness(
     dataset_size: int | None = None,
     checks: bool = True,
     witness_hook: WitnessHook | None = None,
-    progress_file: str | Path | None = None,
+    state: dict[str, Any] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
     save_every: int = 1,
 ) -> dict[str, Any]:
     """Empirical disagreement and confidence gaps of ``student`` against ``teacher`` on (x, y).
@@ -266,151 +284,198 @@ def evaluate_faithfulness(
     ``witness_hook(search, eps, index, x, x_adv)`` sees every point a search returns (for tests and debugging).
     Deterministic given ``seed``.
 
-    ``progress_file``: where to save the per-point results so far atomically every ``save_every`` batches. A run
-    killed part-way and started again with the same settings, weights and data continues from that file (the
-    hook sees only the batches run again) and gives the same result, per-example values included, as an
-    uninterrupted one; a file saved for anything else, or damaged, is ignored with a warning. The caller
-    removes it once the result is kept.
+    Resuming: ``on_batch(state)`` gets a JSON-able state every ``save_every`` batches and after each radius; given
+    back as ``state`` (same settings, weights, data) it continues the run to the same result, per-example values
+    included (the hook sees only the batches run again); other or damaged states are ignored with a warning.
 
-    Returns a JSON-able dict: ``settings``; ``clean`` (clean accuracy of each network, the share of points where
-    they agree, the size of P); ``results``, one block per eps with ``teacher_correct`` (P) and ``both_correct``
-    summaries (disagreement rate, faithful shares per rho, distributions of G_under, G_over, two-sided G and the
-    clean gap: mean, min, q50, q90, q99, max and the share above each rho) and ``found_by`` (which search found
-    each disagreement first); ``per_example`` (teacher/student correct and the clean gap for every point; per eps,
-    disagreement found, G_under and G_over, None outside P); ``warnings``; ``timing`` (seconds, the only
-    non-deterministic entry).
+    Returns a JSON-able dict; its entries are listed in the module docstring.
     """
-    _check_pair(teacher, student)
-    check_data(x, y)
-    threats = _threats(eps, norm, steps, restarts, step_size)
-    rhos = _check_rho(rho)
-    dis_searches = _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES)
-    surrogates = _check_names("gap_surrogates", gap_surrogates, GAP_SURROGATES)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    if dataset_size is not None and (
-        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < x.shape[0]
-    ):
-        raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
-    teacher_device, student_device = _model_device(teacher), _model_device(student)
-    run_device = torch.device(device) if device is not None else (student_device or teacher_device or x.device)
-    for field, model_device in (("teacher", teacher_device), ("student", student_device)):
-        if model_device is not None and model_device.type != run_device.type:
-            raise ConfigError(f"device: the {field} is on {model_device} but device={run_device}; move it first")
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
+    threats = threat_models(eps, norm, steps, restarts, step_size)
+    rhos, dis_searches, surrogates = _check_lists(rho, disagreement_searches, gap_surrogates)
+    run_device = check_run(_check_pair(teacher, student), x, y, batch_size, seed, device, dataset_size, save_every)
+    run = _Run(teacher, student, x, y.long(), threats, rhos, dis_searches, surrogates, separate_confidence)
+    run.configure(batch_size, seed, run_device, witness_hook, on_batch, save_every, checks)
+    with recording_warnings() as caught, attack_mode(student, teacher, "eval"):
+        run.caught = caught
+        run.start(checks, state or {})
+        with progress_bar(progress) as bar:
+            for e, threat in enumerate(threats):
+                run.radius(e, threat, bar)
+    run.timing["total"] = run.before + time.perf_counter() - run.t_all
+    return _faithfulness_result(run, step_size, dataset_size)
 
-    n = x.shape[0]
-    y = y.long()
-    settings = {
-        "threats": [t.to_dict() for t in threats],
-        "rho": list(rhos),
-        "disagreement_searches": list(dis_searches),
-        "gap_surrogates": list(surrogates),
-        "separate_confidence": separate_confidence,
-        "seed": seed,
-        "batch_size": batch_size,
-        "checks": checks,
-        "device": run_device.type,  # kernels, and so borderline results, differ between devices
-    }
-    saved = _open_progress(progress_file, settings, teacher, student, x, y)
-    timing: dict[str, float] = {}
-    t_all = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with attack_mode(student, teacher, "eval"):
-            # The clean pass is cheap and deterministic: a resumed run does it again instead of saving it.
+
+def _check_lists(
+    rho: float | Sequence[float], disagreement_searches: Sequence[str], gap_surrogates: Sequence[str]
+) -> tuple[tuple[float, ...], tuple[str, ...], tuple[str, ...]]:
+    return (
+        _check_rho(rho),
+        _check_names("disagreement_searches", disagreement_searches, DISAGREEMENT_SEARCHES),
+        _check_names("gap_surrogates", gap_surrogates, GAP_SURROGATES),
+    )
+
+
+@dataclass
+class _Run:
+    """One faithfulness evaluation: per-point running results over the radii, and what a resume needs."""
+
+    teacher: nn.Module
+    student: nn.Module
+    x: Tensor
+    y: Tensor
+    threats: list[ThreatModel]
+    rhos: tuple[float, ...]
+    dis_searches: tuple[str, ...]
+    surrogates: tuple[str, ...]
+    separate: bool
+    timing: dict[str, float] = field(default_factory=dict)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    per_eps: list[dict[str, Any]] = field(default_factory=list)
+    caught: list[warnings.WarningMessage] = field(default_factory=list)
+    earlier_warnings: list[dict[str, str]] = field(default_factory=list)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    current: dict[str, Any] | None = None
+    before: float = 0.0
+
+    def configure(
+        self,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        hook: WitnessHook | None,
+        on_batch: Callable[[dict[str, Any]], None] | None,
+        save_every: int,
+        checks: bool,
+    ) -> None:
+        self.batch_size, self.seed, self.device, self.hook = batch_size, seed, device, hook
+        self.on_batch, self.save_every = on_batch, save_every
+        self.settings = {
+            "threats": [t.to_dict() for t in self.threats],
+            "rho": list(self.rhos),
+            "disagreement_searches": list(self.dis_searches),
+            "gap_surrogates": list(self.surrogates),
+            "separate_confidence": self.separate,
+            "seed": seed,
+            "batch_size": batch_size,
+            "checks": checks,
+            "device": device.type,  # kernels, and so borderline results, differ between devices
+        }
+        self.t_all = time.perf_counter()
+        self.n_runs = len(self.dis_searches) + 2 * len(self.surrogates) + (2 if self.separate else 0)
+
+    def start(self, checks: bool, saved: dict[str, Any]) -> None:
+        """The clean pass, the running state it starts from, and what a saved state adds to it."""
+        # The clean pass is cheap and deterministic: a resumed run does it again instead of saving it.
+        start = time.perf_counter()
+        self.clean = _clean_pass(self.teacher, self.student, self.x, self.y, self.batch_size, self.device, checks)
+        self.timing["clean"] = time.perf_counter() - start
+        clean = self.clean
+        self.p_idx = clean["teacher_correct"].nonzero().flatten()
+        self.state = {
+            "disagreement": (clean["teacher_pred"] != clean["student_pred"]).clone(),
+            "gap_under": clean["gap_clean"].clone(),
+            "gap_over": -clean["gap_clean"],
+        }
+        if self.separate:
+            self.state["teacher_min_conf"] = clean["teacher_conf"].clone()
+            self.state["student_min_conf"] = clean["student_conf"].clone()
+        self.n_chunks = -(-int(self.p_idx.numel()) // self.batch_size)
+        found_keys = ["clean", "smaller_eps", *self.dis_searches]
+        self._resume(saved, found_keys)
+
+    def _resume(self, saved: dict[str, Any], found_keys: list[str]) -> None:
+        if not saved:
+            return
+        if not settings_match(saved, self.settings):
+            warnings.warn(SETTINGS_CHANGED, stacklevel=5)
+            return
+        restored = _restore(saved, self.state, len(self.threats), self.n_chunks, found_keys)
+        if restored is not None:
+            self.finished, self.current, self.before = restored
+            self.earlier_warnings = [dict(e) for e in saved.get("warnings", []) if isinstance(e, dict)]
+
+    def radius(self, e: int, threat: ThreatModel, bar: Any) -> None:
+        """Search one radius (or take it whole from the saved state) and add its block to the result."""
+        if e < len(self.finished):  # done before the interruption: its results at the end of that radius
+            found_by, stage_time = self.finished[e]["found_by"], self.finished[e]["stage_time"]
+            at_end = {key: _unpack(text, self.state[key]) for key, text in self.finished[e]["state"].items()}
+        else:
+            found_by, stage_time = self._search(threat, bar)
+            at_end = {key: value.clone() for key, value in self.state.items()}
+            self.finished.append({"state": _pack(at_end), "found_by": found_by, "stage_time": stage_time})
+            self.hand_out(None, found_by, stage_time)
+        for stage, seconds in stage_time.items():
+            if stage != "separate_confidence" or self.separate:
+                self.timing[f"{stage}@{threat.eps:g}"] = seconds
+        self.blocks.append(_block(threat, self.clean, at_end, self.rhos, found_by, self.separate))
+        self.per_eps.append(_per_eps_examples(threat, self.clean, at_end, self.separate))
+
+    def _search(self, threat: ThreatModel, bar: Any) -> tuple[dict[str, int], dict[str, float]]:
+        first = 0
+        if self.current is not None:
+            first, found_by, stage_time = self.current["chunk"], self.current["found_by"], self.current["stage_time"]
+            self.current = None
+        else:
+            clean_disagreement = self.clean["teacher_pred"] != self.clean["student_pred"]
+            at_clean = int(clean_disagreement[self.p_idx].sum())
+            at_smaller = int(self.state["disagreement"][self.p_idx].sum()) - at_clean
+            found_by = {"clean": at_clean, "smaller_eps": at_smaller, **dict.fromkeys(self.dis_searches, 0)}
+            stage_time = dict.fromkeys(STAGES, 0.0)
+        task = None
+        if bar is not None:
+            total = int(self.p_idx.numel())
+            done = min(first * self.batch_size, total) * self.n_runs
+            task = bar.add_task(f"eps={threat.eps:g}", total=total * self.n_runs, completed=done)
+        for chunk in range(first, self.n_chunks):
+            self._chunk(threat, chunk, found_by, stage_time, bar, task)
+            if (chunk + 1 - first) % self.save_every == 0 and chunk + 1 < self.n_chunks:
+                self.hand_out(chunk + 1, found_by, stage_time)
+        return found_by, stage_time
+
+    def _chunk(
+        self, threat: ThreatModel, chunk: int, found_by: dict[str, int], stage_time: dict[str, float], bar, task
+    ) -> None:
+        # The chunk number seeds the batch's random starts: a resumed run keeps counting.
+        idx = self.p_idx[chunk * self.batch_size : (chunk + 1) * self.batch_size]
+        xb = self.x[idx.to(self.x.device)].to(self.device)
+        yb = self.y[idx.to(self.y.device)].to(self.device)
+        ctx = _Chunk(self.teacher, self.student, xb, yb, idx, threat, self.seed, chunk, self.hook, bar, task)
+        start = time.perf_counter()
+        for search in self.dis_searches:
+            found_by[search] += ctx.disagreement(search, self.state)
+        stage_time["disagreement"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for direction in ("under", "over"):
+            for surrogate in self.surrogates:
+                ctx.gap(direction, surrogate, self.state)
+        stage_time["gap"] += time.perf_counter() - start
+        if self.separate:
             start = time.perf_counter()
-            clean = _clean_pass(teacher, student, x, y, batch_size, run_device, checks)
-            timing["clean"] = time.perf_counter() - start
-            p_idx = clean["teacher_correct"].nonzero().flatten()
-            clean_disagreement = clean["teacher_pred"] != clean["student_pred"]
-            state = {
-                "disagreement": clean_disagreement.clone(),
-                "gap_under": clean["gap_clean"].clone(),
-                "gap_over": -clean["gap_clean"],
+            ctx.min_confidence(self.state)
+            stage_time["separate_confidence"] += time.perf_counter() - start
+
+    def recorded(self) -> list[dict[str, str]]:
+        return _recorded(self.earlier_warnings, self.caught)
+
+    def hand_out(self, chunk: int | None, found_by: dict[str, int], stage_time: dict[str, float]) -> None:
+        """Hand the running results to ``on_batch``; ``chunk`` is the next batch of the radius, None past its end."""
+        if self.on_batch is None:
+            return
+        at = None if chunk is None else {"chunk": chunk, "found_by": found_by, "stage_time": stage_time}
+        self.on_batch(
+            {
+                "settings": self.settings,
+                "finished": self.finished,
+                "state": _pack(self.state),
+                "current": at,
+                "warnings": self.recorded(),
+                "elapsed": self.before + time.perf_counter() - self.t_all,
             }
-            if separate_confidence:
-                state["teacher_min_conf"] = clean["teacher_conf"].clone()
-                state["student_min_conf"] = clean["student_conf"].clone()
-            n_chunks = -(-int(p_idx.numel()) // batch_size)
-            found_keys = ["clean", "smaller_eps", *dis_searches]
-            finished, current, before = _restore(saved, state, len(threats), n_chunks, found_keys)
+        )
 
-            def save(chunk: int | None, found_by: dict[str, int], stage_time: dict[str, float]) -> None:
-                """Save the running results; ``chunk`` is the next batch of the current radius, None past its end."""
-                if saved.path is None:
-                    return
-                at = None if chunk is None else {"chunk": chunk, "found_by": found_by, "stage_time": stage_time}
-                saved.save(
-                    {
-                        "finished": finished,
-                        "state": _pack(state),
-                        "current": at,
-                        "warnings": _recorded(saved.state.get("warnings", []), caught),
-                        "elapsed": before + time.perf_counter() - t_all,
-                    }
-                )
 
-            blocks: list[dict[str, Any]] = []
-            per_eps: list[dict[str, Any]] = []
-            n_runs = len(dis_searches) + 2 * len(surrogates) + (2 if separate_confidence else 0)
-            with _progress(progress) as bar:
-                for e, threat in enumerate(threats):
-                    if e < len(finished):  # done before the interruption: its results at the end of that radius
-                        found_by, stage_time = finished[e]["found_by"], finished[e]["stage_time"]
-                        at_end = {key: _unpack(text, state[key]) for key, text in finished[e]["state"].items()}
-                    else:
-                        first = 0
-                        if current is not None:
-                            first, found_by, stage_time = current["chunk"], current["found_by"], current["stage_time"]
-                            current = None
-                        else:
-                            at_clean = int(clean_disagreement[p_idx].sum())
-                            at_smaller = int(state["disagreement"][p_idx].sum()) - at_clean
-                            found_by = {"clean": at_clean, "smaller_eps": at_smaller, **dict.fromkeys(dis_searches, 0)}
-                            stage_time = dict.fromkeys(STAGES, 0.0)
-                        task = None
-                        if bar is not None:
-                            total = int(p_idx.numel())
-                            done = min(first * batch_size, total) * n_runs
-                            task = bar.add_task(f"eps={threat.eps:g}", total=total * n_runs, completed=done)
-                        for chunk in range(first, n_chunks):
-                            # The chunk number seeds the batch's random starts: a resumed run keeps counting.
-                            idx = p_idx[chunk * batch_size : (chunk + 1) * batch_size]
-                            xb = x[idx.to(x.device)].to(run_device)
-                            yb = y[idx.to(y.device)].to(run_device)
-                            ctx = _Chunk(teacher, student, xb, yb, idx, threat, seed, chunk, witness_hook, bar, task)
-                            start = time.perf_counter()
-                            for search in dis_searches:
-                                found_by[search] += ctx.disagreement(search, state)
-                            stage_time["disagreement"] += time.perf_counter() - start
-                            start = time.perf_counter()
-                            for direction in ("under", "over"):
-                                for surrogate in surrogates:
-                                    ctx.gap(direction, surrogate, state)
-                            stage_time["gap"] += time.perf_counter() - start
-                            if separate_confidence:
-                                start = time.perf_counter()
-                                ctx.min_confidence(state)
-                                stage_time["separate_confidence"] += time.perf_counter() - start
-                            if (chunk + 1 - first) % save_every == 0 and chunk + 1 < n_chunks:
-                                save(chunk + 1, found_by, stage_time)
-                        at_end = {key: value.clone() for key, value in state.items()}
-                        finished.append({"state": _pack(at_end), "found_by": found_by, "stage_time": stage_time})
-                        save(None, found_by, stage_time)
-                    for stage, seconds in stage_time.items():
-                        if stage != "separate_confidence" or separate_confidence:
-                            timing[f"{stage}@{threat.eps:g}"] = seconds
-                    blocks.append(_block(threat, clean, at_end, rhos, found_by, separate_confidence))
-                    per_eps.append(_per_eps_examples(threat, clean, at_end, separate_confidence))
-    for w in caught:  # the caller sees every warning too, not only the report
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    recorded = _recorded(saved.state.get("warnings", []), caught)
-    timing["total"] = before + time.perf_counter() - t_all
-
+def _faithfulness_result(run: _Run, step_size: float | None, dataset_size: int | None) -> dict[str, Any]:
+    threats, clean, n = run.threats, run.clean, run.x.shape[0]
     return {
         "settings": {
             "definitions": DEFINITIONS,
@@ -422,17 +487,17 @@ def evaluate_faithfulness(
             "restarts": threats[0].restarts,
             "random_start": threats[0].random_start,
             "mode": "eval",
-            "rho": list(rhos),
+            "rho": list(run.rhos),
             "quantiles": list(QUANTILES),
-            "disagreement_searches": list(dis_searches),
-            "gap_surrogates": list(surrogates),
-            "separate_confidence": separate_confidence,
-            "seed": seed,
+            "disagreement_searches": list(run.dis_searches),
+            "gap_surrogates": list(run.surrogates),
+            "separate_confidence": run.separate,
+            "seed": run.seed,
             "n": n,
             "dataset_size": dataset_size,
             "subset": None if dataset_size is None else n < dataset_size,
-            "batch_size": batch_size,
-            "device": str(run_device),
+            "batch_size": run.batch_size,
+            "device": str(run.device),
         },
         "clean": {
             "teacher": _summary(clean["teacher_correct"]),
@@ -441,25 +506,16 @@ def evaluate_faithfulness(
             "teacher_correct": int(clean["teacher_correct"].sum()),
             "both_correct": int((clean["teacher_correct"] & clean["student_correct"]).sum()),
         },
-        "results": blocks,
+        "results": run.blocks,
         "per_example": {
             "teacher_correct": clean["teacher_correct"].tolist(),
             "student_correct": clean["student_correct"].tolist(),
             "gap_clean": clean["gap_clean"].tolist(),
-            "eps": per_eps,
+            "eps": run.per_eps,
         },
-        "warnings": recorded,
-        "timing": timing,
+        "warnings": run.recorded(),
+        "timing": run.timing,
     }
-
-
-def _open_progress(
-    path: str | Path | None, settings: dict[str, Any], teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor
-) -> ProgressFile:
-    if path is None:
-        return ProgressFile(None, "")
-    tensors = [*model_tensors("teacher", teacher), *model_tensors("student", student), ("x", x), ("y", y)]
-    return ProgressFile(path, fingerprint({"what": "faithfulness", **settings}, tensors))
 
 
 def _pack(state: dict[str, Tensor]) -> dict[str, str]:
@@ -471,53 +527,53 @@ def _unpack(text: str, like: Tensor) -> Tensor:
 
 
 def _restore(
-    saved: ProgressFile, state: dict[str, Tensor], n_eps: int, n_chunks: int, found_keys: list[str]
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
-    """Check the saved progress whole and load its running per-point results into ``state``.
+    saved: dict[str, Any], state: dict[str, Tensor], n_eps: int, n_chunks: int, found_keys: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float] | None:
+    """Check a saved state whole and load its running per-point results into ``state``.
 
     Returns the radii finished before the interruption (packed results at the end of each, found_by, stage
-    times), where the next one stopped (None when it had not begun) and the seconds already spent. Damaged
-    progress is dropped with a warning.
+    times), where the next one stopped (None when it had not begun) and the seconds already spent; None, with a
+    warning, for a damaged state.
     """
-    if not saved.state:
-        return [], None, 0.0
-
-    def counts(entry: dict[str, Any]) -> dict[str, Any]:
-        if set(entry["found_by"]) != set(found_keys) or set(entry["stage_time"]) != set(STAGES):
-            raise ValueError("the searches differ")
-        return {
-            "found_by": {key: int(entry["found_by"][key]) for key in found_keys},
-            "stage_time": {key: float(entry["stage_time"][key]) for key in STAGES},
-        }
-
-    def tensors(packed: dict[str, str]) -> dict[str, Tensor]:
-        if set(packed) != set(state):
-            raise ValueError("the per-point results differ")
-        return {key: _unpack(packed[key], value) for key, value in state.items()}
-
     try:
-        finished = []
-        if len(saved.state["finished"]) > n_eps:
+        finished = [_finished_entry(entry, state, found_keys) for entry in saved["finished"]]
+        if len(finished) > n_eps:
             raise ValueError("more radii than asked for")
-        for entry in saved.state["finished"]:
-            tensors(entry["state"])
-            finished.append({"state": dict(entry["state"]), **counts(entry)})
-        current = saved.state["current"]
+        current = saved["current"]
         if current is not None:
             chunk = current["chunk"]
             if len(finished) == n_eps or isinstance(chunk, bool) or not isinstance(chunk, int):
                 raise ValueError("a batch past the last radius")
             if not 0 < chunk < n_chunks:
                 raise ValueError(f"batch {chunk} of {n_chunks}")
-            current = {"chunk": chunk, **counts(current)}
-        running = tensors(saved.state["state"])
-        elapsed = float(saved.state["elapsed"])
+            current = {"chunk": chunk, **_counts(current, found_keys)}
+        running = _tensors(saved["state"], state)
+        elapsed = float(saved["elapsed"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        warnings.warn(f"ignoring {saved.path}: its contents are damaged ({err}); starting over", stacklevel=3)
-        saved.discard()
-        return [], None, 0.0
+        warnings.warn(f"ignoring the saved progress: its contents are damaged ({err}); starting over", stacklevel=6)
+        return None
     state.update(running)
     return finished, current, elapsed
+
+
+def _counts(entry: dict[str, Any], found_keys: list[str]) -> dict[str, Any]:
+    if set(entry["found_by"]) != set(found_keys) or set(entry["stage_time"]) != set(STAGES):
+        raise ValueError("the searches differ")
+    return {
+        "found_by": {key: int(entry["found_by"][key]) for key in found_keys},
+        "stage_time": {key: float(entry["stage_time"][key]) for key in STAGES},
+    }
+
+
+def _tensors(packed: dict[str, str], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    if set(packed) != set(state):
+        raise ValueError("the per-point results differ")
+    return {key: _unpack(packed[key], value) for key, value in state.items()}
+
+
+def _finished_entry(entry: dict[str, Any], state: dict[str, Tensor], found_keys: list[str]) -> dict[str, Any]:
+    _tensors(entry["state"], state)
+    return {"state": dict(entry["state"]), **_counts(entry, found_keys)}
 
 
 def _clean_pass(
@@ -530,15 +586,7 @@ def _clean_pass(
             xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
             z_t, z_s = teacher(xb), student(xb)
             if begin == 0:
-                if z_t.dim() != 2 or z_t.shape != z_s.shape:
-                    raise ConfigError(
-                        f"student: outputs of shape {tuple(z_s.shape[1:])} but the teacher's are "
-                        f"{tuple(z_t.shape[1:])}; both must give logits over the same classes"
-                    )
-                if checks:
-                    for net, z in ((teacher, z_t), (student, z_s)):
-                        check_output_is_logits(z)
-                        check_deterministic(net, xb)
+                _check_outputs(teacher, student, z_t, z_s, xb, checks)
             k = z_t.shape[1]
             if bool((yb < 0).any()) or bool((yb >= k).any()):
                 raise ConfigError(f"y: labels must lie in [0, {k}) for {k}-class networks")
@@ -555,6 +603,19 @@ def _clean_pass(
     out["teacher_correct"] = out["teacher_pred"] == y.cpu()
     out["student_correct"] = out["student_pred"] == y.cpu()
     return out
+
+
+def _check_outputs(teacher: nn.Module, student: nn.Module, z_t: Tensor, z_s: Tensor, xb: Tensor, checks: bool) -> None:
+    """On the first batch: logits over the same classes from both, and AutoAttack-style sanity checks."""
+    if z_t.dim() != 2 or z_t.shape != z_s.shape:
+        raise ConfigError(
+            f"student: outputs of shape {tuple(z_s.shape[1:])} but the teacher's are "
+            f"{tuple(z_t.shape[1:])}; both must give logits over the same classes"
+        )
+    if checks:
+        for net, z in ((teacher, z_t), (student, z_s)):
+            check_output_is_logits(z)
+            check_deterministic(net, xb)
 
 
 @dataclass
@@ -672,101 +733,3 @@ def _per_eps_examples(
     in_p = clean["teacher_correct"]
     keys = ["disagreement", "gap_under", "gap_over"] + (["teacher_min_conf", "student_min_conf"] if separate else [])
     return {"eps": threat.eps, **{key: _per_example(state[key], in_p) for key in keys}}
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-def evaluate_faithfulness_checkpoints(
-    teacher_path: str | Path,
-    student_path: str | Path,
-    *,
-    eps: float | Sequence[float] = 0.1,
-    n_examples: int | None = None,
-    steps: int = 50,
-    restarts: int = 5,
-    step_size: float | None = None,
-    rho: float | Sequence[float] = DEFAULT_RHO,
-    norm: str = "linf",
-    disagreement_searches: Sequence[str] = DISAGREEMENT_SEARCHES,
-    gap_surrogates: Sequence[str] = GAP_SURROGATES,
-    separate_confidence: bool = False,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str = "auto",
-    data_root: str | None = None,
-    dataset: str | None = None,
-    out: str | Path | None = None,
-    progress: bool = True,
-    resume: bool = True,
-) -> dict[str, Any]:
-    """Faithfulness of a saved student to a saved teacher on the student's test split.
-
-    The JSON goes next to the student (``faithful_<stem>_<norm>-<eps>.json``) unless ``out`` says otherwise.
-    ``dataset`` overrides the dataset named in the checkpoints (needed for foreign ``.pt`` files).
-    Per-point results are saved beside the output (``<out>.progress.json``) after every batch; with ``resume``
-    a killed run started again with the same arguments continues from them and gives the same result. The file
-    is removed once the result is written.
-    """
-    from robustkd.checkpoint import load_model, resolve
-    from robustkd.evaluate import checkpoint_eval
-    from robustkd.io import atomic_write_json
-    from robustkd.runtime import resolve_device
-
-    threats = _threats(eps, norm, steps, restarts, step_size)  # nonsense fails before any loading
-    dev = resolve_device(device)
-    teacher = load_model(teacher_path, device=dev)
-    student = load_model(student_path, device=dev)
-    meta_t = dict(getattr(teacher, "robustkd_meta", {}))
-    meta_s = dict(getattr(student, "robustkd_meta", {}))
-    if dataset is not None:
-        meta_s["dataset"] = dataset
-    elif "dataset" in meta_t and "dataset" in meta_s and meta_t["dataset"] != meta_s["dataset"]:
-        raise ConfigError(
-            f"dataset: the teacher was trained on {meta_t['dataset']!r} but the student on {meta_s['dataset']!r}; "
-            "pass --dataset to choose the test split"
-        )
-    elif "dataset" not in meta_s and "dataset" in meta_t:
-        meta_s["dataset"] = meta_t["dataset"]
-    x, y, n_total, source = checkpoint_eval.load_test_points(meta_s, n_examples, data_root)
-
-    def weights_path(path: str | Path) -> Path:
-        # Foreign state dicts are single files; robustkd checkpoints resolve to their .safetensors.
-        return Path(path) if Path(path).suffix in (".pt", ".pth", ".bin", ".ckpt") else resolve(path)
-
-    if out is None:
-        weights = weights_path(student_path)
-        radii = "_".join(f"{t.eps:g}" for t in threats)
-        out = weights.with_name(f"faithful_{weights.stem}_{threats[0].norm}-{radii}.json")
-    saved = checkpoint_eval.progress_path(out)
-    if not resume:
-        saved.unlink(missing_ok=True)
-    result = evaluate_faithfulness(
-        teacher,
-        student,
-        x.to(dev),
-        y.to(dev),
-        eps=eps,
-        steps=steps,
-        restarts=restarts,
-        step_size=step_size,
-        rho=rho,
-        norm=norm,
-        disagreement_searches=disagreement_searches,
-        gap_surrogates=gap_surrogates,
-        separate_confidence=separate_confidence,
-        batch_size=batch_size,
-        seed=seed,
-        device=dev,
-        progress=progress,
-        dataset_size=n_total,
-        progress_file=saved,
-    )
-    paths = {"teacher": (teacher_path, meta_t), "student": (student_path, meta_s)}
-    result["models"] = {
-        name: {"path": str(weights_path(path)), "arch": meta.get("arch"), "method": meta.get("method")}
-        for name, (path, meta) in paths.items()
-    }
-    result["data"] = {"dataset": meta_s.get("dataset"), "source": source, "split": "test"}
-    atomic_write_json(out, result)
-    saved.unlink(missing_ok=True)
-    result["output"] = str(out)
-    return result

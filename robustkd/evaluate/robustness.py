@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,15 +23,9 @@ from robustkd.attacks.engine import attack_mode, check_unit_range
 from robustkd.attacks.recipes import AttackRecipe, get_attack
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError, RegistryError
-from robustkd.evaluate.progress import (
-    ProgressFile,
-    fingerprint,
-    model_tensors,
-    pack_bits,
-    pack_generator,
-    unpack_bits,
-    unpack_generator,
-)
+from robustkd.evaluate.state import pack_bits, pack_generator, settings_match, unpack_bits, unpack_generator
+
+SETTINGS_CHANGED = "ignoring the saved progress: it was saved for other settings, weights or data; starting over"
 
 
 def resolve_protocol(protocol: str | ThreatModel) -> tuple[str, ThreatModel]:
@@ -45,7 +40,8 @@ def resolve_protocol(protocol: str | ThreatModel) -> tuple[str, ThreatModel]:
         raise ConfigError(f"protocol: {err}") from None
 
 
-def _resolve_attacks(attacks: Sequence[str]) -> list[AttackRecipe]:
+def resolve_attacks(attacks: Sequence[str]) -> list[AttackRecipe]:
+    """The attack recipes named, checked, the clean pass first; a ConfigError names the field."""
     if isinstance(attacks, str) or not isinstance(attacks, Sequence):
         raise ConfigError(f"attacks: expected a list of attack names, got {attacks!r}")
     if len(attacks) == 0:
@@ -113,7 +109,8 @@ def evaluate_robustness(
     cumulative: bool = False,
     dataset_size: int | None = None,
     checks: bool = True,
-    progress_file: str | Path | None = None,
+    state: dict[str, Any] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
     save_every: int = 1,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on (x, y) without attack and under each attack of a protocol.
@@ -129,10 +126,9 @@ def evaluate_robustness(
     zero gradients); they emit :class:`RobustnessWarning`s, which are also listed under ``"warnings"``.
     Deterministic given ``seed``: every attack draws its random starts from a CPU generator seeded with it.
 
-    ``progress_file``: where to save per-example progress (results so far and the generator's state)
-    atomically every ``save_every`` batches. A run killed part-way and started again with the same
-    settings, weights and data continues from that file and gives the same result as an uninterrupted
-    one; a file saved for anything else is ignored. The caller removes it once the result is kept.
+    Resuming: ``on_batch(state)`` gets a JSON-able state (results so far, the generator's state) every
+    ``save_every`` batches and after each attack; given back as ``state`` (same settings, weights, data) it
+    continues the run to the same result; other or damaged states are ignored with a warning.
 
     Returns a JSON-able dict with ``settings``, ``attacks`` (per attack: accuracy, binomial stderr,
     correct, total), ``worst_case``, ``per_example`` (correct per attack, first attack that broke each
@@ -141,89 +137,214 @@ def evaluate_robustness(
     protocol_name, threat = resolve_protocol(protocol)
     if restarts is not None:
         threat = threat.replace(restarts=restarts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    check_data(x, y)
-    recipes = _resolve_attacks(attacks)
-    if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < x.shape[0]):
-        raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
-    model_device = _model_device(model)
-    run_device = torch.device(device) if device is not None else (model_device or x.device)
-    if model_device is not None and model_device.type != run_device.type:
-        raise ConfigError(f"device: the model is on {model_device} but device={run_device}; move the model first")
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
+    run_device = check_run([("model", model)], x, y, batch_size, seed, device, dataset_size, save_every)
+    recipes = resolve_attacks(attacks)
+    settings = _settings(protocol_name, threat, recipes, seed, batch_size, cumulative, run_device)
+    run = _Run(model, x, y.long(), threat, seed, batch_size, run_device, settings, on_batch, save_every)
+    with recording_warnings() as caught, attack_mode(model, None, "eval"):
+        run.caught = caught
+        if checks:
+            _run_checks(model, x[:batch_size].to(run_device), y[:batch_size].to(run_device))
+        resumed = run.restore(state or {})
+        with progress_bar(progress) as bar:
+            for recipe in recipes:
+                if recipe.name not in run.correct:  # else finished before the interruption
+                    run.attack(recipe, cumulative, resumed if _resumes(resumed, recipe) else None, bar)
+    return _result(run, protocol_name, recipes, dataset_size, cumulative)
 
-    n = x.shape[0]
-    y = y.long()
-    names = [r.name for r in recipes]
-    settings = {
+
+def _settings(
+    protocol_name: str,
+    threat: ThreatModel,
+    recipes: list[AttackRecipe],
+    seed: int,
+    batch_size: int,
+    cumulative: bool,
+    run_device: torch.device,
+) -> dict[str, Any]:
+    """What a saved state must have been made with to be continued."""
+    return {
         "protocol": protocol_name,
         "threat": threat.to_dict(),
-        "attacks": names,
+        "attacks": [r.name for r in recipes],
         "seed": seed,
         "batch_size": batch_size,
         "cumulative": cumulative,
         "device": run_device.type,  # kernels, and so borderline results, differ between devices
     }
-    saved = _open_progress(progress_file, settings, model, x, y)
-    correct: dict[str, Tensor] = {}
-    timing: dict[str, float] = {}
+
+
+@contextmanager
+def recording_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning (the result lists the robustness ones), then pass each on to the caller too."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attack_mode(model, None, "eval"):
-            if checks:
-                _run_checks(model, x[:batch_size].to(run_device), y[:batch_size].to(run_device))
-            resumed = _restore(saved, names, n, correct, timing)
-            with _progress(progress) as bar:
-                for recipe in recipes:
-                    if recipe.name in correct:  # finished before the interruption
-                        continue
-                    start = time.perf_counter()
-                    if recipe.kind == "clean":
-                        todo = torch.arange(n)
-                    else:
-                        alive = correct["clean"].clone()
-                        if cumulative:
-                            for seen in correct.values():
-                                alive &= seen
-                        todo = alive.nonzero().flatten()
-                    result = torch.zeros(n, dtype=torch.bool)
-                    generator = torch.Generator().manual_seed(seed)
-                    first, before = 0, 0.0
-                    if resumed is not None and resumed["name"] == recipe.name:
-                        result, first, before = resumed["result"], resumed["begin"], resumed["elapsed"]
-                        generator.set_state(resumed["generator"])
-                    task = None
-                    if bar is not None:
-                        task = bar.add_task(recipe.name, total=int(todo.numel()), completed=first)
-                    for count, begin in enumerate(range(first, todo.numel(), batch_size), 1):
-                        idx = todo[begin : begin + batch_size]
-                        xb = x[idx.to(x.device)].to(run_device)
-                        yb = y[idx.to(y.device)].to(run_device)
-                        x_adv = recipe.run(model, xb, yb, threat, generator=generator, seed=seed, batch_size=batch_size)
-                        with torch.no_grad():
-                            result[idx] = (model(x_adv).argmax(dim=-1) == yb).cpu()
-                        if bar is not None:
-                            bar.advance(task, idx.numel())
-                        if count % save_every == 0 and begin + batch_size < todo.numel():
-                            current = {
-                                "name": recipe.name,
-                                "begin": begin + batch_size,
-                                "result": pack_bits(result),
-                                "generator": pack_generator(generator),
-                                "elapsed": before + time.perf_counter() - start,
-                            }
-                            _save(saved, correct, timing, caught, current)
-                    correct[recipe.name] = result
-                    timing[recipe.name] = before + time.perf_counter() - start
-                    _save(saved, correct, timing, caught, None)
-    for w in caught:  # let the caller see every warning too, not only the report
+        yield caught
+    for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    recorded = _recorded(saved.state.get("warnings", []), caught)
 
+
+def check_run(
+    models: Sequence[tuple[str, nn.Module]],
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str | None,
+    dataset_size: int | None,
+    save_every: int,
+) -> torch.device:
+    """Refuse nonsense before any work; returns the device the attacks run on (by default the first model's).
+
+    ``models`` are (name, model) pairs; the names go into the messages.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    check_data(x, y)
+    if dataset_size is not None and (
+        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < x.shape[0]
+    ):
+        raise ConfigError(f"dataset_size: must be an integer >= the {x.shape[0]} points given, got {dataset_size!r}")
+    devices = [(name, _model_device(model)) for name, model in models]
+    known = [d for _, d in devices if d is not None]
+    run_device = torch.device(device) if device is not None else (known[0] if known else x.device)
+    for name, model_device in devices:
+        if model_device is not None and model_device.type != run_device.type:
+            raise ConfigError(f"device: the {name} is on {model_device} but device={run_device}; move it first")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ConfigError(f"save_every: must be an integer >= 1, got {save_every!r}")
+    return run_device
+
+
+def _resumes(resumed: dict[str, Any] | None, recipe: AttackRecipe) -> bool:
+    return resumed is not None and resumed["name"] == recipe.name
+
+
+@dataclass
+class _Run:
+    """One robustness evaluation: the attacks' results so far, and how to hand them out for a resume."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel
+    seed: int
+    batch_size: int
+    device: torch.device
+    settings: dict[str, Any]
+    on_batch: Callable[[dict[str, Any]], None] | None
+    save_every: int
+    correct: dict[str, Tensor] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    earlier_warnings: list[dict[str, str]] = field(default_factory=list)
+    caught: list[warnings.WarningMessage] = field(default_factory=list)
+
+    def restore(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Take the finished attacks from a saved state; return the interrupted one's, if any."""
+        if not state:
+            return None
+        if not settings_match(state, self.settings):
+            warnings.warn(SETTINGS_CHANGED, stacklevel=4)
+            return None
+        try:
+            done, times, current = _unpack_state(state, self.settings["attacks"], self.x.shape[0])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            warnings.warn(f"ignoring the saved progress: its contents are damaged ({err}); starting over", stacklevel=4)
+            return None
+        self.correct.update(done)
+        self.timing.update(times)
+        self.earlier_warnings = [dict(e) for e in state.get("warnings", []) if isinstance(e, dict)]
+        return current
+
+    def attack(self, recipe: AttackRecipe, cumulative: bool, resumed: dict[str, Any] | None, bar: Any) -> None:
+        """Run one attack on the points it concerns, batch by batch, from where a resumed run stopped."""
+        start = time.perf_counter()
+        todo = self._todo(recipe, cumulative)
+        result = torch.zeros(self.x.shape[0], dtype=torch.bool)
+        generator = torch.Generator().manual_seed(self.seed)
+        first, before = 0, 0.0
+        if resumed is not None:
+            result, first, before = resumed["result"], resumed["begin"], resumed["elapsed"]
+            generator.set_state(resumed["generator"])
+        task = None if bar is None else bar.add_task(recipe.name, total=int(todo.numel()), completed=first)
+        for count, begin in enumerate(range(first, todo.numel(), self.batch_size), 1):
+            idx = todo[begin : begin + self.batch_size]
+            result[idx] = self._batch(recipe, idx, generator)
+            if bar is not None:
+                bar.advance(task, idx.numel())
+            if count % self.save_every == 0 and begin + self.batch_size < todo.numel():
+                current = {
+                    "name": recipe.name,
+                    "begin": begin + self.batch_size,
+                    "result": pack_bits(result),
+                    "generator": pack_generator(generator),
+                    "elapsed": before + time.perf_counter() - start,
+                }
+                self.hand_out(current)
+        self.correct[recipe.name] = result
+        self.timing[recipe.name] = before + time.perf_counter() - start
+        self.hand_out(None)
+
+    def _todo(self, recipe: AttackRecipe, cumulative: bool) -> Tensor:
+        if recipe.kind == "clean":
+            return torch.arange(self.x.shape[0])
+        alive = self.correct["clean"].clone()
+        if cumulative:
+            for seen in self.correct.values():
+                alive &= seen
+        return alive.nonzero().flatten()
+
+    def _batch(self, recipe: AttackRecipe, idx: Tensor, generator: torch.Generator) -> Tensor:
+        xb = self.x[idx.to(self.x.device)].to(self.device)
+        yb = self.y[idx.to(self.y.device)].to(self.device)
+        x_adv = recipe.run(
+            self.model, xb, yb, self.threat, generator=generator, seed=self.seed, batch_size=self.batch_size
+        )
+        with torch.no_grad():
+            return (self.model(x_adv).argmax(dim=-1) == yb).cpu()
+
+    def recorded(self) -> list[dict[str, str]]:
+        return _recorded(self.earlier_warnings, self.caught)
+
+    def hand_out(self, current: dict[str, Any] | None) -> None:
+        if self.on_batch is None:
+            return
+        self.on_batch(
+            {
+                "settings": self.settings,
+                "done": {k: pack_bits(v) for k, v in self.correct.items()},
+                "timing": dict(self.timing),
+                "current": current,
+                "warnings": self.recorded(),
+            }
+        )
+
+
+def _unpack_state(
+    state: dict[str, Any], names: list[str], n: int
+) -> tuple[dict[str, Tensor], dict[str, float], dict[str, Any] | None]:
+    done = {k: unpack_bits(state["done"][k], n) for k in names if k in state["done"]}
+    times = {k: float(state["timing"][k]) for k in done}
+    current = state.get("current")
+    if current is not None:
+        generator = torch.Generator()
+        unpack_generator(generator, current["generator"])
+        current = {
+            "name": str(current["name"]),
+            "begin": int(current["begin"]),
+            "result": unpack_bits(current["result"], n),
+            "generator": generator.get_state(),
+            "elapsed": float(current["elapsed"]),
+        }
+    return done, times, current
+
+
+def _result(
+    run: _Run, protocol_name: str, recipes: list[AttackRecipe], dataset_size: int | None, cumulative: bool
+) -> dict[str, Any]:
+    n, threat, names, correct = run.x.shape[0], run.threat, run.settings["attacks"], run.correct
     worst = torch.ones(n, dtype=torch.bool)
     for name in names:
         worst &= correct[name]
@@ -240,15 +361,15 @@ def evaluate_robustness(
             "steps": threat.steps,
             "restarts": threat.restarts,
             "random_start": threat.random_start,
-            "seed": seed,
+            "seed": run.seed,
             "n": n,
             "dataset_size": dataset_size,
             "subset": None if dataset_size is None else n < dataset_size,
-            "batch_size": batch_size,
+            "batch_size": run.batch_size,
             "attacks": names,
             "attack_settings": {r.name: r.settings(threat) for r in recipes},
             "cumulative": cumulative,
-            "device": str(run_device),
+            "device": str(run.device),
         },
         "attacks": {name: _summary(correct[name]) for name in names},
         "worst_case": _summary(worst),
@@ -256,48 +377,9 @@ def evaluate_robustness(
             "correct": {name: correct[name].tolist() for name in names},
             "first_broken_by": first_broken,
         },
-        "warnings": recorded,
-        "timing": timing,
+        "warnings": run.recorded(),
+        "timing": run.timing,
     }
-
-
-def _open_progress(
-    path: str | Path | None, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor
-) -> ProgressFile:
-    if path is None:
-        return ProgressFile(None, "")
-    key = fingerprint({"what": "robustness", **settings}, [*model_tensors("model", model), ("x", x), ("y", y)])
-    return ProgressFile(path, key)
-
-
-def _restore(
-    saved: ProgressFile, names: list[str], n: int, correct: dict[str, Tensor], timing: dict[str, float]
-) -> dict[str, Any] | None:
-    """Fill ``correct``/``timing`` with finished attacks; return the interrupted one's state, if any."""
-    state = saved.state
-    if not state:
-        return None
-    try:
-        done = {k: unpack_bits(state["done"][k], n) for k in names if k in state["done"]}
-        times = {k: float(state["timing"][k]) for k in done}
-        current = state.get("current")
-        if current is not None:
-            generator = torch.Generator()
-            unpack_generator(generator, current["generator"])
-            current = {
-                "name": str(current["name"]),
-                "begin": int(current["begin"]),
-                "result": unpack_bits(current["result"], n),
-                "generator": generator.get_state(),
-                "elapsed": float(current["elapsed"]),
-            }
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        warnings.warn(f"ignoring {saved.path}: its contents are damaged ({err}); starting over", stacklevel=3)
-        saved.discard()
-        return None
-    correct.update(done)
-    timing.update(times)
-    return current
 
 
 def _recorded(before: list[dict[str, str]], caught: list[warnings.WarningMessage]) -> list[dict[str, str]]:
@@ -307,24 +389,6 @@ def _recorded(before: list[dict[str, str]], caught: list[warnings.WarningMessage
         if issubclass(w.category, RobustnessWarning) and entry not in recorded:
             recorded.append(entry)
     return recorded
-
-
-def _save(
-    saved: ProgressFile,
-    correct: dict[str, Tensor],
-    timing: dict[str, float],
-    caught: list[warnings.WarningMessage],
-    current: dict[str, Any] | None,
-) -> None:
-    if saved.path is None:
-        return
-    state = {
-        "done": {k: pack_bits(v) for k, v in correct.items()},
-        "timing": dict(timing),
-        "current": current,
-        "warnings": _recorded(saved.state.get("warnings", []), caught),
-    }
-    saved.save(state)
 
 
 def _run_checks(model: nn.Module, x: Tensor, y: Tensor) -> None:
@@ -343,7 +407,8 @@ class _NoBar:
         return None
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress bar on stderr, or a stand-in that yields None when ``enabled`` is False."""
     if not enabled:
         return _NoBar()
     from rich.console import Console

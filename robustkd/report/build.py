@@ -7,12 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import robustkd.report.collect as collect
+import robustkd.report.plots as plots
+import robustkd.report.render as render
+from robustkd.checkpoint import load_model
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from robustkd.report import collect, plots, render
 from robustkd.report.collect import Context, Model
 from robustkd.report.settings import ReportSettings, Thresholds, split_options
 from robustkd.report.verdict import verdict
+from robustkd.runtime import resolve_device
 
 GAP_KEYS = ("mean", "q50", "q90", "q99", "max")
 CERT_GAP_KEYS = ("mean", "median", "q90", "max")
@@ -48,31 +52,21 @@ def make_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; give a folder for the report")
-    from robustkd.runtime import resolve_device
-
     dev = resolve_device(device)
     teachers, students = collect.find_models(paths, settings.checkpoint, teacher)
     ctx = Context(str(dev), dev.type, data_root, progress, recompute, _logger(progress))
-
-    rows: dict[str, dict[str, Any]] = {}
-    extras: dict[str, dict[str, Any]] = {}
-    for model in [*teachers, *students]:
-        rows[model.name], extras[model.name] = _model_row(model, settings, ctx, dev)
-    for student in students:
-        row, extra = rows[student.name], extras[student.name]
-        row.update(_faithfulness_columns(student, settings, ctx, extra))
-        row.update(_certified_columns(student, settings, ctx, extra))
-        row["verdict"] = verdict(row, rows[student.teacher.name], thresholds, settings.eps)
-
+    rows, extras = _rows(teachers, students, settings, thresholds, ctx, dev)
     ordered = []
     for t in teachers:
         ordered.append(rows[t.name])
         ordered += [rows[s.name] for s in students if s.teacher is t]
+    protocol, threat = collect.threat_at(settings.eps)
     result = {
         "title": "robustkd report",
         "settings": {
             **settings.to_dict(),
-            "protocol": collect.protocol_name(settings.eps),
+            "protocol": protocol,
+            "threat": threat.to_dict(),
             "device": str(dev),
             "data_root": data_root,
         },
@@ -83,6 +77,33 @@ def make_report(
         },
     }
     figures = plots.all_figures(ordered, extras, settings, thresholds)
+    _write(out, result, figures)
+    result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
+    return result
+
+
+def _rows(
+    teachers: list[Model],
+    students: list[Model],
+    settings: ReportSettings,
+    thresholds: Thresholds,
+    ctx: Context,
+    dev: Any,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """A row (and the extra data of its plots) per model; each student's row with its verdict."""
+    rows: dict[str, dict[str, Any]] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    for model in [*teachers, *students]:
+        rows[model.name], extras[model.name] = _model_row(model, settings, ctx, dev)
+    for student in students:
+        row, extra = rows[student.name], extras[student.name]
+        row.update(_faithfulness_columns(student, settings, ctx, extra))
+        row.update(_certified_columns(student, settings, ctx, extra))
+        row["verdict"] = verdict(row, rows[student.teacher.name], thresholds, settings.eps)
+    return rows, extras
+
+
+def _write(out: Path, result: dict[str, Any], figures: dict[str, bytes]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, png in figures.items():
@@ -92,8 +113,6 @@ def make_report(
         atomic_write_text(out / "report.html", render.html(result, figures))
     except OSError as err:
         raise RobustKDError(f"cannot write the report into {out}: {err}") from err
-    result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
-    return result
 
 
 def _settings(settings: ReportSettings | dict[str, Any] | None, opts: dict[str, Any]) -> ReportSettings:
@@ -133,8 +152,6 @@ def _logger(progress: bool):
 
 def _model_row(model: Model, settings: ReportSettings, ctx: Context, dev: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Size, speed and robustness (every radius of the sweep) of one checkpoint."""
-    from robustkd.checkpoint import load_model
-
     net = load_model(model.checkpoint, device=dev)
     meta = model.meta
     row: dict[str, Any] = {

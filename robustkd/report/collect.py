@@ -24,11 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+import robustkd.jobs as jobs
+from robustkd._version import __version__
+from robustkd.attacks.threat import PRESETS, ThreatModel
+from robustkd.certify._graph import UnsupportedModelError
+from robustkd.checkpoint import read_meta, resolve
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.report.settings import ReportSettings
 
 CACHE_DIR = "report_cache"
-FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass
@@ -73,15 +77,11 @@ def _sha256(path: Path) -> str:
 
 
 def _model(name: str, role: str, weights: Path) -> Model:
-    from robustkd.checkpoint import read_meta
-
     return Model(name, role, weights, read_meta(weights), sha256=_sha256(weights))
 
 
 def _student_weights(path: Path, checkpoint: str) -> Path:
-    from robustkd.checkpoint import resolve
-
-    if path.suffix in FOREIGN_SUFFIXES:
+    if path.suffix in jobs.FOREIGN_SUFFIXES:
         raise ConfigError(f"{path}: a bare state dict is no run; give a run dir holding {checkpoint}.safetensors")
     if path.is_dir():
         if not (path / f"{checkpoint}.safetensors").is_file():
@@ -94,8 +94,6 @@ def _student_weights(path: Path, checkpoint: str) -> Path:
 
 
 def _teacher_weights(student: Model, override: str | Path | None) -> Path:
-    from robustkd.checkpoint import resolve
-
     config = student.meta.get("config") or {}
     if override is not None:
         named, source = str(override), "--teacher"
@@ -112,7 +110,7 @@ def _teacher_weights(student: Model, override: str | Path | None) -> Path:
                 "evaluates robustkd checkpoints only: save that teacher with robustkd.checkpoint.save_checkpoint "
                 "and pass --teacher PATH"
             )
-    if Path(named).suffix in FOREIGN_SUFFIXES:
+    if Path(named).suffix in jobs.FOREIGN_SUFFIXES:
         raise ConfigError(f"teacher: {named} is a bare state dict; save it as a robustkd checkpoint first")
     try:
         return resolve(named)
@@ -143,12 +141,7 @@ def find_models(
         student.teacher = teachers[key]
         if key == weights.resolve():
             raise ConfigError(f"runs: {raw} is its own teacher")
-        t_data, s_data = student.teacher.meta.get("dataset"), student.meta.get("dataset")
-        if t_data and s_data and t_data != s_data:
-            raise ConfigError(
-                f"dataset: {student.checkpoint} was trained on {s_data!r} but its teacher on {t_data!r}; "
-                "a report compares both on one test split"
-            )
+        jobs.choose_dataset(student.meta, student.teacher.meta)  # a report compares both on one test split
         students.append(student)
     _unique_names([*teachers.values(), *students])
     return list(teachers.values()), students
@@ -163,23 +156,23 @@ def _unique_names(models: list[Model]) -> None:
 
 
 # ------------------------------------------------------------------------------------- cached evaluations
-def protocol_name(eps: float) -> str:
-    """A ``robustkd evaluate --protocol`` name for a Linf radius: a preset when one has exactly this eps."""
-    from robustkd.attacks import PRESETS
+def threat_at(eps: float) -> tuple[str, ThreatModel]:
+    """The Linf threat model the report uses at radius ``eps``, parsed once, with its ``--protocol`` name.
 
+    A preset when one has exactly this eps (its attack budget then applies), else ``linf-<eps>``.
+    """
     for name in PRESETS.names():
         threat = PRESETS.get(name)
         if threat.norm == "linf" and threat.eps == eps:
-            return name
+            return name, threat
     # Positional and shortest round-trip: parses back to exactly this float.
-    return "linf-" + np.format_float_positional(eps, trim="-")
+    name = "linf-" + np.format_float_positional(eps, trim="-")
+    return name, ThreatModel.parse(name, field="eps")
 
 
 def _cached(
     kind: str, model: Model, key: dict[str, Any], compute: Callable[[Path], Any], ctx: Context, what: str
 ) -> tuple[dict[str, Any], Path]:
-    from robustkd._version import __version__
-
     full = {"kind": kind, "robustkd_version": __version__, "device_type": ctx.device_type, **key}
     digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = model.run_dir / CACHE_DIR / f"{kind}_{model.weights.stem}_{digest}.json"
@@ -203,9 +196,7 @@ def _cached(
 
 def robustness(model: Model, eps: float, settings: ReportSettings, ctx: Context) -> tuple[dict[str, Any], Path]:
     """``robustkd evaluate`` of one checkpoint at one radius (all the settings' attacks)."""
-    from robustkd.evaluate.checkpoint_eval import evaluate_checkpoint
-
-    protocol = protocol_name(eps)
+    protocol, _ = threat_at(eps)
     key = {
         "weights": model.sha256,
         "protocol": protocol,
@@ -217,7 +208,7 @@ def robustness(model: Model, eps: float, settings: ReportSettings, ctx: Context)
     }
 
     def compute(out: Path) -> None:
-        evaluate_checkpoint(
+        jobs.evaluate_checkpoint(
             model.checkpoint,
             protocol=protocol,
             attacks=list(settings.attacks),
@@ -235,8 +226,6 @@ def robustness(model: Model, eps: float, settings: ReportSettings, ctx: Context)
 
 def faithfulness(student: Model, settings: ReportSettings, ctx: Context) -> tuple[dict[str, Any], Path]:
     """Empirical disagreement and confidence gaps against the teacher over the whole eps sweep, in one call."""
-    from robustkd.evaluate.faithfulness import evaluate_faithfulness_checkpoints
-
     assert student.teacher is not None
     key = {
         "weights": student.sha256,
@@ -252,7 +241,7 @@ def faithfulness(student: Model, settings: ReportSettings, ctx: Context) -> tupl
     }
 
     def compute(out: Path) -> None:
-        evaluate_faithfulness_checkpoints(
+        jobs.evaluate_faithfulness_checkpoints(
             student.teacher.checkpoint,
             student.checkpoint,
             eps=list(settings.eps_sweep),
@@ -275,9 +264,6 @@ def certification(
     student: Model, eps: float, settings: ReportSettings, ctx: Context
 ) -> tuple[dict[str, Any] | None, Path | None, str | None]:
     """``robustkd certify`` of the pair at one radius; (None, None, why) when the verifier cannot bound it."""
-    from robustkd.certify import UnsupportedModelError
-    from robustkd.certify.checkpoints import certify_checkpoints
-
     assert student.teacher is not None
     key = {
         "weights": student.sha256,
@@ -291,10 +277,10 @@ def certification(
     }
 
     def compute(out: Path) -> None:
-        certify_checkpoints(
+        jobs.certify_checkpoints(
             student.checkpoint,
             student.teacher.checkpoint,
-            eps=eps,
+            eps=threat_at(eps)[1],
             method=settings.certify_method,
             n_examples=settings.n_examples,
             batch_size=settings.batch_size,
@@ -318,7 +304,7 @@ def certification(
 def robustness_command(model: Model, eps: float, settings: ReportSettings, out: Path, ctx: Context) -> str:
     """The ``robustkd evaluate`` line that writes exactly this cached result."""
     args = [
-        "robustkd", "evaluate", "--model", str(model.checkpoint), "--protocol", protocol_name(eps),
+        "robustkd", "evaluate", "--model", str(model.checkpoint), "--protocol", threat_at(eps)[0],
         "--attacks", ",".join(settings.attacks), "--batch-size", str(settings.batch_size),
         "--seed", str(settings.seed), "--device", ctx.device_type,
     ]  # fmt: skip
@@ -341,7 +327,7 @@ def certify_command(student: Model, eps: float, settings: ReportSettings, out: P
 def faithfulness_call(student: Model, settings: ReportSettings, out: Path, ctx: Context) -> str:
     assert student.teacher is not None
     return (
-        "robustkd.evaluate.evaluate_faithfulness_checkpoints("
+        "robustkd.jobs.evaluate_faithfulness_checkpoints("
         f"{str(student.teacher.checkpoint)!r}, {str(student.checkpoint)!r}, eps={list(settings.eps_sweep)}, "
         f"n_examples={settings.n_examples}, steps={settings.faithfulness_steps}, "
         f"restarts={settings.faithfulness_restarts}, rho={list(settings.rho)}, batch_size={settings.batch_size}, "

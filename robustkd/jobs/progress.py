@@ -1,4 +1,4 @@
-"""Saved per-example progress of a long evaluation, so a killed run continues where it stopped.
+"""Saved progress of a long job, so a killed run continues where it stopped.
 
 A progress file is JSON written atomically. It carries a key: a hash of the settings, the model weights
 and the data. A file whose key differs (other settings, retrained weights, other points), or that cannot
@@ -7,7 +7,6 @@ be read, is ignored with a warning and the work starts over; it is never trusted
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import warnings
@@ -80,40 +79,7 @@ class ProgressFile:
             self.path.unlink(missing_ok=True)
 
 
-def pack_bits(flags: Tensor) -> str:
-    """A bool tensor as a '0'/'1' string: compact JSON, and exact."""
-    return "".join("1" if f else "0" for f in flags.tolist())
-
-
-def unpack_bits(text: str, n: int) -> Tensor:
-    if not isinstance(text, str) or len(text) != n or set(text) - {"0", "1"}:
-        raise ValueError(f"expected {n} flags")
-    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
-
-
-def pack_generator(generator: torch.Generator) -> str:
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
-
-
-def unpack_generator(generator: torch.Generator, text: str) -> None:
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-
-
-def pack_tensor(tensor: Tensor) -> str:
-    """A tensor's raw bytes as base64 text: exact, NaN and signed zeros included."""
-    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return base64.b64encode(raw).decode("ascii")
-
-
-def unpack_tensor(text: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """The tensor :func:`pack_tensor` wrote; ValueError when the text does not hold exactly that many values."""
-    if not isinstance(text, str):
-        raise ValueError("expected base64 text")
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    out = torch.empty(shape, dtype=dtype)
-    if len(raw) != out.numel() * out.element_size():
-        raise ValueError(f"expected {out.numel()} values of {dtype}")
-    if raw:  # frombuffer refuses an empty buffer
-        out.copy_(torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape))
-    return out
+def progress_path(out: str | Path) -> Path:
+    """Where the progress of a job writing ``out`` is kept until it finishes."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".progress.json")
