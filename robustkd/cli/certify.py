@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from robustkd.cli.api import certify_checkpoints
-from robustkd.cli.parsing import command_parser, numbers
+from robustkd.cli.parsing import command_parser, number, numbers
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
 
@@ -30,7 +30,7 @@ def build(prog: str) -> Any:
     parser = command_parser(prog, DESCRIPTION, EXAMPLES)
     parser.add_argument("--student", required=True, help="checkpoint of the model to certify")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (omit to certify the student alone)")
-    parser.add_argument("--eps", type=float, required=True, help="Linf radius, e.g. 0.05")
+    parser.add_argument("--eps", type=number, required=True, help="Linf radius, e.g. 0.05 or 8/255")
     parser.add_argument("--method", default="ibp", help=f"verifier, one of: {listed('verifiers')}")
     parser.add_argument("--joint", action="store_true", help="also bound the pair jointly (tighter gap bounds)")
     parser.add_argument(

@@ -159,6 +159,7 @@ def _unknown_names(message: str) -> list[str]:
 
 
 def _with_suggestions(message: str, known: set[str]) -> str:
+    message = " ".join(message.split())  # one line, as every other error
     accepted = sorted(o[2:] for o in known)
     for name in dict.fromkeys(_unknown_names(message)):
         close = difflib.get_close_matches(name.replace("-", "_"), accepted, n=3, cutoff=0.6)
