@@ -12,6 +12,7 @@ import inspect
 import itertools
 import re
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from robustkd.errors import ConfigError
 
 
 def formatter() -> Any:
-    """Help formatter: example lines kept as written; no ``type: <function ...>`` for value parsers."""
+    """Help formatter: example lines kept as written, no ``type: <function ...>`` for value parsers, names unbroken."""
     from jsonargparse import DefaultHelpFormatter
 
     class Formatter(DefaultHelpFormatter):
@@ -29,6 +30,9 @@ def formatter() -> Any:
 
         def _get_type_str(self, action: Any) -> str | None:
             return None if inspect.isfunction(action.type) else super()._get_type_str(action)
+
+        def _split_lines(self, text: str, width: int) -> list[str]:  # 'crown-ibp' stays one word
+            return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     return Formatter
 
@@ -162,7 +166,9 @@ def _with_suggestions(message: str, known: set[str]) -> str:
     message = " ".join(message.split())  # one line, as every other error
     accepted = sorted(o[2:] for o in known)
     for name in dict.fromkeys(_unknown_names(message)):
-        close = difflib.get_close_matches(name.replace("-", "_"), accepted, n=3, cutoff=0.6)
+        name = name.replace("-", "_")
+        close = [a for a in accepted if a.startswith(name)][:3]  # what prefix matching would have taken
+        close += [c for c in difflib.get_close_matches(name, accepted, n=3, cutoff=0.6) if c not in close]
         if close:
             message += f"; did you mean {', '.join('--' + c for c in close)}?"
     return message
