@@ -10,9 +10,9 @@ import yaml
 from robustkd.attacks import ATTACKS, PRESETS
 from robustkd.certify import VERIFIERS
 from robustkd.checkpoint import save_checkpoint
-from robustkd.methods import METHODS
 from robustkd.cli import COMMANDS, main
 from robustkd.cli.parsing import options, respell
+from robustkd.methods import METHODS
 from robustkd.models import create_model
 
 META = {
