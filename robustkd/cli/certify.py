@@ -39,8 +39,8 @@ def build(prog: str) -> Any:
     parser.add_argument("--n_examples", type=int, default=None, help="the first N test points only")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives (default search paths otherwise)")
-    parser.add_argument("--out", default=None, help="JSON output (default: cert_<ckpt>_<method>_<eps>.json beside it)")
+    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    parser.add_argument("--out", default=None, help="JSON output; null: cert_<ckpt>_<method>_<eps>.json beside it")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 

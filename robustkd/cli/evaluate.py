@@ -37,8 +37,8 @@ def build(prog: str) -> Any:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives (default search paths otherwise)")
-    parser.add_argument("--out", default=None, help="JSON output (default: eval_<ckpt>_<protocol>.json beside it)")
+    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    parser.add_argument("--out", default=None, help="JSON output; null: eval_<ckpt>_<protocol>.json beside it")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 

@@ -41,10 +41,10 @@ def build(prog: str) -> Any:
     parser.add_argument("--n_examples", type=subset, default=None, help="first N test points, or 'all' (the default)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--exporter", default="auto", choices=list(exporters), help="torch.onnx exporter")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18 dynamo, 17 legacy)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset; null: 18 with dynamo, 17 with legacy")
     parser.add_argument("--logit_tolerance", type=float, default=logit_tolerance)
     parser.add_argument("--calibration_tolerance", type=float, default=calibration_tolerance)
-    parser.add_argument("--data.root", default=None, help="where the dataset lives (default search paths otherwise)")
+    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 

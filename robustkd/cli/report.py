@@ -27,12 +27,12 @@ RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 # verdict threshold → its help; the default comes from Thresholds
 THRESHOLDS = {
-    "max_clean_drop": "",
-    "max_robust_drop": "",
-    "max_disagreement": "",
+    "max_clean_drop": "teacher minus student clean accuracy",
+    "max_robust_drop": "teacher minus student worst-case accuracy at eps",
+    "max_disagreement": "empirical disagreement rate on the teacher-correct points",
     "max_gap": "on the empirical gap's q90",
-    "min_certified_agreement": "",
-    "max_certified_gap": "on its q90",
+    "min_certified_agreement": "certified agreement on the teacher-correct points",
+    "max_certified_gap": "on the certified gap bound's q90",
 }
 
 
@@ -43,14 +43,14 @@ def build(prog: str) -> Any:
     parser = command_parser(prog, DESCRIPTION, EXAMPLES)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by robustkd distill")
     parser.add_argument("--out", default="report", help="folder for the report")
-    parser.add_argument("--teacher", default=None, help="teacher checkpoint for every run (default: each run's own)")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for every run; null: each run's own")
     parser.add_argument("--checkpoint", default=s.checkpoint, choices=["best", "last"], help="which student checkpoint")
     _evaluated(parser.add_argument_group("what is evaluated (cached per value)"), s)
     limits = parser.add_argument_group("verdict thresholds ('none' switches one off)")
     for name, text in THRESHOLDS.items():
         limits.add_argument(f"--{name}", type=threshold, default=getattr(t, name), help=text)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the datasets live (default search paths otherwise)")
+    parser.add_argument("--data.root", default=None, help="where the datasets live; null: the default search paths")
     parser.add_argument("--recompute", action="store_true", help="evaluate again instead of reusing cached results")
     parser.add_argument("--fail_unsafe", action="store_true", help="exit with status 1 when a student is not safe")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -59,7 +59,7 @@ def build(prog: str) -> Any:
 
 def _evaluated(group: Any, s: Any) -> None:
     group.add_argument("--eps", type=number, default=s.eps, help="stated Linf radius, e.g. 0.1 or 8/255")
-    group.add_argument("--eps_sweep", type=numbers, default=None, help="radii of the plots (default eps/4,eps/2)")
+    group.add_argument("--eps_sweep", type=numbers, default=None, help="radii of the plots; null: eps/4,eps/2")
     group.add_argument(
         "--attacks", type=names, default=list(s.attacks), help=f"robustkd evaluate recipes, from: {listed('attacks')}"
     )
