@@ -149,7 +149,7 @@ def test_evaluate_from_a_config_file(tmp_path, capsys):
     assert main(["evaluate", "--config", cfg, "--attacks", "clean", "--n_examples", "6"]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["n"] == 6 and set(result["attacks"]) == {"clean"}
-    assert "Deprecated" not in capsys.readouterr().err
+    assert "deprecated" not in capsys.readouterr().err
 
 
 def test_certify_from_a_config_file(tmp_path, pair):
