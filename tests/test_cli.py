@@ -1,12 +1,55 @@
-"""The command line: help, listing, errors as one line with exit status 2, evaluate on a checkpoint."""
+"""The command line: help, listing, errors as one line with exit status 2, evaluate / certify / report on
+checkpoints, from flags or a ``--config`` file; one flag spelling, old spellings still accepted."""
 
 import json
+import re
 
 import pytest
+import yaml
 
+from robustkd.attacks import ATTACKS, PRESETS
+from robustkd.certify import VERIFIERS
 from robustkd.checkpoint import save_checkpoint
-from robustkd.cli import main
+from robustkd.cli import COMMANDS, main
+from robustkd.cli.parsing import options, respell
+from robustkd.methods import METHODS
 from robustkd.models import create_model
+
+META = {
+    "arch": "dm_small",
+    "arch_args": {},
+    "num_classes": 10,
+    "input_shape": [1, 28, 28],
+    "mean": [0.286],
+    "std": [0.353],
+    "dataset": "fashion-mnist",
+}
+
+
+def _model():
+    return create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
+
+
+def _save(path, config=None, model=None):
+    """A tiny untrained dm_small checkpoint on Fashion-MNIST at ``path`` (a new network unless ``model``)."""
+    model = _model() if model is None else model
+    meta = META if config is None else {**META, "method": "kd", "config": config}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A teacher and a student (the same network) whose checkpoint names the teacher, as distill writes it."""
+    root, model = tmp_path_factory.mktemp("pair"), _model()
+    teacher = _save(root / "t" / "best", model=model)
+    _save(root / "s" / "best", {"teacher": str(teacher), "teacher_arch": None}, model=model)
+    return root / "t", root / "s"
+
+
+def _config(path, **values):
+    path.write_text(yaml.safe_dump({k: str(v) if hasattr(v, "is_file") else v for k, v in values.items()}))
+    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -59,51 +102,209 @@ def test_unknown_method_suggests(tmp_path, capsys):
 
 
 def test_evaluate_a_checkpoint_on_a_subset(tmp_path, capsys):
-    model = create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
-    meta = {
-        "arch": "dm_small",
-        "arch_args": {},
-        "num_classes": 10,
-        "input_shape": [1, 28, 28],
-        "mean": [0.286],
-        "std": [0.353],
-        "dataset": "fashion-mnist",
-    }
-    save_checkpoint(tmp_path / "best", model, meta)
+    _save(tmp_path / "best")
     out = tmp_path / "eval.json"
-    argv = ["evaluate", "--model", str(tmp_path / "best"), "--n-examples", "16", "--attacks", "clean,pgd5"]
-    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    argv = ["evaluate", "--model", str(tmp_path / "best"), "--n_examples", "16", "--attacks", "clean,pgd5"]
+    assert main([*argv, "--out", str(out), "--no_progress"]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["subset"] is True and result["settings"]["n"] == 16
     assert result["attacks"]["pgd5"]["accuracy"] <= result["attacks"]["clean"]["accuracy"]
     assert "a subset of the test set" in capsys.readouterr().out
-    assert main(["evaluate", "--model", str(tmp_path / "best"), "--attacks", "pgd", "--n-examples", "4"]) == 2
+    assert main(["evaluate", "--model", str(tmp_path / "best"), "--attacks", "pgd", "--n_examples", "4"]) == 2
 
 
 def test_certify_pair_and_single_model(tmp_path, capsys):
-    model = create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
-    meta = {
-        "arch": "dm_small",
-        "arch_args": {},
-        "num_classes": 10,
-        "input_shape": [1, 28, 28],
-        "mean": [0.286],
-        "std": [0.353],
-        "dataset": "fashion-mnist",
-    }
-    save_checkpoint(tmp_path / "t" / "best", model, meta)
-    save_checkpoint(tmp_path / "s" / "best", model, meta)
+    model = _model()
+    _save(tmp_path / "t" / "best", model=model)
+    _save(tmp_path / "s" / "best", model=model)
     out = tmp_path / "cert.json"
     argv = ["certify", "--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "t"), "--eps", "0"]
-    assert main([*argv, "--n-examples", "20", "--out", str(out), "--no-progress"]) == 0
+    assert main([*argv, "--n_examples", "20", "--out", str(out), "--no_progress"]) == 0
     result = json.loads(out.read_text())
     # The same network at eps 0: every teacher-correct point is certified to agree, with a zero gap.
     assert result["teacher_correct"]["agreement_certified"] in (None, 1.0)
     assert result["subset"] is True and result["n"] == 20
     assert "certified agreement" in capsys.readouterr().out
     assert (
-        main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--n-examples", "8", "--no-progress"]) == 0
+        main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--n_examples", "8", "--no_progress"]) == 0
     )
     assert (tmp_path / "s" / "cert_best_ibp_0.1.json").is_file()
     assert main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--method", "crown_ibp"]) == 2
     assert "did you mean 'crown-ibp'" in capsys.readouterr().err
+
+
+# --- --config on every command; the command line wins ------------------------------------------------------
+
+
+def test_evaluate_from_a_config_file(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    cfg = _config(tmp_path / "evaluate.yaml", model=_save(tmp_path / "best"), protocol="linf-0.1",
+                  attacks=["clean", "pgd2"], n_examples=8, out=out, no_progress=True)  # fmt: skip
+    assert main(["evaluate", "--config", cfg]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["n"] == 8 and set(result["attacks"]) == {"clean", "pgd2"}
+    # A flag overrides the file's value, before or after --config.
+    assert main(["evaluate", "--n_examples", "4", "--config", cfg]) == 0
+    assert json.loads(out.read_text())["settings"]["n"] == 4
+    assert main(["evaluate", "--config", cfg, "--attacks", "clean", "--n_examples", "6"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["n"] == 6 and set(result["attacks"]) == {"clean"}
+    assert "deprecated" not in capsys.readouterr().err
+
+
+def test_certify_from_a_config_file(tmp_path, pair):
+    teacher, student = pair
+    out = tmp_path / "cert.json"
+    cfg = _config(tmp_path / "certify.yaml", student=student, teacher=teacher, eps=0, method="ibp",
+                  n_examples=10, out=out, no_progress=True)  # fmt: skip
+    assert main(["certify", "--config", cfg]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 10 and result["teacher_correct"]["agreement_certified"] in (None, 1.0)
+    assert main(["certify", "--config", cfg, "--n_examples", "6"]) == 0
+    assert json.loads(out.read_text())["n"] == 6
+
+
+def test_report_from_a_config_file(tmp_path, pair):
+    _, student = pair
+    out = tmp_path / "report"
+    cfg = _config(tmp_path / "report.yaml", runs=[str(student)], out=out, eps=0.1, eps_sweep=[0.05],
+                  attacks=["clean", "pgd2"], n_examples=8, faith_steps=1, faith_restarts=1, certify_method="ibp",
+                  batch_size=8, max_gap=0.5, device="cpu", no_progress=True)  # fmt: skip
+    assert main(["report", "--config", cfg]) == 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["settings"]["n_examples"] == 8 and saved["settings"]["attacks"] == ["clean", "pgd2"]
+    assert saved["thresholds"]["max_gap"] == 0.5
+    assert main(["report", "--config", cfg, "--max_gap", "none", "--n_examples", "6"]) == 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["settings"]["n_examples"] == 6 and saved["thresholds"]["max_gap"] is None
+
+
+def test_unknown_config_key_is_refused_with_a_suggestion(tmp_path, capsys):
+    cfg = _config(tmp_path / "evaluate.yaml", model="runs/x/best", n_exmples=10)
+    assert main(["evaluate", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "n_exmples" in err and "did you mean --n_examples" in err and "Traceback" not in err
+    cfg = _config(tmp_path / "train.yaml", optim={"lrr": 0.1})
+    assert main(["train", "--config", cfg]) == 2
+    assert "did you mean --optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["model: [runs/x\n", "model: x\n  bad: indent\n", "- a list\n"])
+def test_bad_config_file_is_one_line_naming_the_file(tmp_path, capsys, text):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(text)
+    for command in ("evaluate", "train"):
+        assert main([command, "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert f"--config {cfg}: " in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["certify", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: cannot read it" in capsys.readouterr().err
+
+
+# --- one flag spelling ---------------------------------------------------------------------------------------
+
+
+def _help(command, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_command_takes_config(capsys):
+    for command in COMMANDS.names():
+        assert "--config CONFIG" in _help(command, capsys), command
+
+
+@pytest.mark.parametrize("command", COMMANDS.names())
+def test_help_shows_one_spelling(command, capsys):
+    shown = set(re.findall(r"(?<![\w-])--[A-Za-z][\w.-]*", _help(command, capsys)))
+    assert shown, command
+    assert not [flag for flag in shown if "-" in flag[2:]], f"{command}: dashed options in --help"
+
+
+# Every option spelled otherwise before the one spelling, by command.
+OLD_SPELLINGS = {
+    "evaluate": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root",
+                 "--no-progress": "--no_progress"},
+    "certify": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root",
+                "--no-progress": "--no_progress"},
+    "report": {"--eps-sweep": "--eps_sweep", "--n-examples": "--n_examples", "--certify-method": "--certify_method",
+               "--faith-steps": "--faith_steps", "--faith-restarts": "--faith_restarts", "--batch-size": "--batch_size",
+               "--max-clean-drop": "--max_clean_drop", "--max-robust-drop": "--max_robust_drop",
+               "--max-disagreement": "--max_disagreement", "--max-gap": "--max_gap",
+               "--min-certified-agreement": "--min_certified_agreement",
+               "--max-certified-gap": "--max_certified_gap", "--data-root": "--data.root",
+               "--fail-unsafe": "--fail_unsafe", "--no-progress": "--no_progress"},
+    "export": {"--test-subset": "--n_examples", "--batch-size": "--batch_size",
+               "--logit-tolerance": "--logit_tolerance", "--calibration-tolerance": "--calibration_tolerance",
+               "--data-root": "--data.root",
+               "--no-progress": "--no_progress"},
+    "quickstart": {"--train-subset": "--train_subset", "--n-eval": "--n_eval", "--no-progress": "--no_progress"},
+    "train": {"--out-dir": "--out_dir", "--teacher-arch": "--teacher_arch", "--data.batch-size": "--data.batch_size"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(OLD_SPELLINGS))
+def test_old_spellings_are_renamed_with_a_notice(command, capsys):
+    entry = COMMANDS.get(command)
+    parser = entry.build(f"robustkd {command}")
+    known = options(parser)
+    for old, new in OLD_SPELLINGS[command].items():
+        assert new in known
+        assert respell([old, "1"], known, entry.renamed, parser.prog) == [new, "1"]
+        assert respell([f"{old}=1"], known, entry.renamed, parser.prog) == [f"{new}=1"]
+        assert capsys.readouterr().err == f"robustkd {command}: {old} is deprecated; use {new}\n" * 2
+    # The one spelling passes unchanged and silently; so do values and everything after '--'.
+    assert respell(["--n_examples", "-1", "--", "--n-examples"], {"--n_examples"}, {}, "p") == [
+        "--n_examples", "-1", "--", "--n-examples"
+    ]  # fmt: skip
+    assert capsys.readouterr().err == ""
+
+
+def test_old_spellings_still_work(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(_save(tmp_path / "best")), "--attacks", "clean", "--n-examples", "5"]
+    assert main([*argv, "--batch-size", "4", "--data-root", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--n-examples is deprecated; use --n_examples" in err and "--data-root is deprecated; use --data.root" in err
+    assert str(tmp_path / "none") in err  # the data root reached the job
+    assert main([*argv, "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["settings"]["n"] == 5
+
+
+def test_no_prefix_matching(tmp_path, capsys):
+    assert main(["train", "--epoch", "1", "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epoch 1" in err and "did you mean --epochs" in err
+    assert main(["evaluate", "--model", "x", "--n_ex", "3"]) == 2
+    assert "did you mean --n_examples" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was trained
+
+
+def _listed(help_text: str, option: str) -> list[str]:
+    """The names after 'one of:' / 'from:' in the help of ``option``."""
+    flat = " ".join(help_text.split())
+    match = re.search(rf"{re.escape(option)} [A-Z_]+ .*?(?:[Oo]ne of|from): (.+?)\.? \(", flat)
+    assert match, f"no list in the help of {option}"
+    return match.group(1).split(", ")
+
+
+def test_help_lists_are_the_registries(capsys):
+    assert _listed(_help("certify", capsys), "--method") == VERIFIERS.names()
+    report = _help("report", capsys)
+    assert _listed(report, "--certify_method") == VERIFIERS.names()
+    assert _listed(report, "--attacks") == ATTACKS.names()
+    evaluate = _help("evaluate", capsys)
+    assert _listed(evaluate, "--attacks") == ATTACKS.names()
+    assert _listed(evaluate, "--protocol") == PRESETS.names()
+    train = _help("train", capsys)
+    assert _listed(train, "--validate.protocol") == PRESETS.names()
+    assert _listed(train, "--method.name") == METHODS.names()
+
+
+def test_commands_come_from_the_table(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS.names())
+    assert main(["evalute"]) == 2
+    assert "did you mean 'evaluate'" in capsys.readouterr().err

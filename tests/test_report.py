@@ -424,4 +424,4 @@ def test_report_help_has_examples(capsys):
         main(["report", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: robustkd report" in out and "examples:" in out and "--max-disagreement" in out
+    assert "usage: robustkd report" in out and "examples:" in out and "--max_disagreement" in out

@@ -305,7 +305,7 @@ def robustness_command(model: Model, eps: float, settings: ReportSettings, out: 
     """The ``robustkd evaluate`` line that writes exactly this cached result."""
     args = [
         "robustkd", "evaluate", "--model", str(model.checkpoint), "--protocol", threat_at(eps)[0],
-        "--attacks", ",".join(settings.attacks), "--batch-size", str(settings.batch_size),
+        "--attacks", ",".join(settings.attacks), "--batch_size", str(settings.batch_size),
         "--seed", str(settings.seed), "--device", ctx.device_type,
     ]  # fmt: skip
     args += [*_common_args(settings, ctx), "--out", str(out)]
@@ -317,7 +317,7 @@ def certify_command(student: Model, eps: float, settings: ReportSettings, out: P
     args = [
         "robustkd", "certify", "--student", str(student.checkpoint), "--teacher", str(student.teacher.checkpoint),
         "--eps", np.format_float_positional(eps, trim="-"), "--method", settings.certify_method,
-        "--rho", ",".join(f"{r:g}" for r in settings.rho), "--batch-size", str(settings.batch_size),
+        "--rho", ",".join(f"{r:g}" for r in settings.rho), "--batch_size", str(settings.batch_size),
         "--device", ctx.device_type,
     ]  # fmt: skip
     args += [*_common_args(settings, ctx), "--out", str(out)]
@@ -336,8 +336,8 @@ def faithfulness_call(student: Model, settings: ReportSettings, out: Path, ctx: 
 
 
 def _common_args(settings: ReportSettings, ctx: Context) -> list[str]:
-    args = [] if settings.n_examples is None else ["--n-examples", str(settings.n_examples)]
-    return args + ([] if ctx.data_root is None else ["--data-root", ctx.data_root])
+    args = [] if settings.n_examples is None else ["--n_examples", str(settings.n_examples)]
+    return args + ([] if ctx.data_root is None else ["--data.root", ctx.data_root])
 
 
 # ------------------------------------------------------------------------------------- size and speed

@@ -1,0 +1,80 @@
+"""``robustkd evaluate``: robust accuracy of a saved model on its dataset's test split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from robustkd.cli.api import evaluate_checkpoint
+from robustkd.cli.parsing import command_parser, names
+from robustkd.cli.registries import listed
+from robustkd.cli.table import COMMANDS, Command
+
+EXAMPLES = """examples:
+  robustkd evaluate --model runs/teacher/best --protocol linf-0.1
+  robustkd evaluate --model runs/teacher/best --protocol linf-0.1 --attacks clean,pgd100,cw100,autoattack
+  robustkd evaluate --model runs/teacher/best --protocol linf-8/255 --n_examples 1000   # a subset, said so
+  robustkd evaluate --config evaluate.yaml --n_examples 100     # evaluate.yaml: {model: ..., attacks: [clean, pgd20]}
+  robustkd list protocols; robustkd list attacks
+"""
+
+# older spellings that differ by more than dashes for underscores
+RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
+
+
+def build(prog: str) -> Any:
+    parser = command_parser(
+        prog, "Robust accuracy of a saved model on its dataset's test split (full test set by default).", EXAMPLES
+    )
+    parser.add_argument("--model", required=True, help="checkpoint: runs/<name>/best, a .safetensors file or a run dir")
+    parser.add_argument("--protocol", default="linf-0.1", help=f"threat-model preset, one of: {listed('protocols')}")
+    parser.add_argument(
+        "--attacks",
+        type=names,
+        default=["clean", "pgd20", "cw20"],
+        help=f"attack recipes, comma-separated (a list in a config file), from: {listed('attacks')}",
+    )
+    parser.add_argument("--n_examples", type=int, default=None, help="evaluate the first N test points only")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    parser.add_argument("--out", default=None, help="JSON output; null: eval_<ckpt>_<protocol>.json beside it")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(ns: Any) -> int:
+    result = evaluate_checkpoint(
+        ns.model,
+        protocol=ns.protocol,
+        attacks=names(ns.attacks),
+        n_examples=ns.n_examples,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        device=ns.device,
+        data_root=ns.data.root,
+        out=ns.out,
+        progress=not ns.no_progress,
+    )
+    print_robustness(result)
+    return 0
+
+
+def print_robustness(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = result["settings"]
+    scope = "a subset of the test set" if settings.get("subset") else "the full test set"
+    print(f"{result['model']['path']}: {settings.get('n')} test points ({scope}), protocol {settings['protocol']}")
+    table = Table()
+    for column in ("attack", "accuracy", "± stderr", "correct / total"):
+        table.add_column(column, justify="right" if column != "attack" else "left")
+    rows = [*result["attacks"].items(), ("worst case", result["worst_case"])]
+    for name, row in rows:
+        table.add_row(name, f"{row['accuracy']:.4f}", f"{row['stderr']:.4f}", f"{row['correct']} / {row['total']}")
+    Console().print(table)
+    print(f"results: {result['output']}")
+
+
+COMMANDS.add("evaluate", Command("robust accuracy of a saved model", build, run, RENAMED))
