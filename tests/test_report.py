@@ -361,7 +361,7 @@ def test_markdown_and_json(report):
     row = _rows(saved)["kd"]
     line = row["commands"]["robustness@0.1"]
     assert line.startswith("robustkd evaluate --model ") and "--protocol linf-0.1" in line
-    assert "--attacks clean,pgd3,cw3" in line and "--n-examples 24" in line
+    assert "--attacks clean,pgd3,cw3" in line and "--n_examples 24" in line
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,9 +398,9 @@ def test_bad_inputs_name_the_fix(runs, tmp_path):
 
 
 def test_cli_report(report, runs, tmp_path, capsys):
-    argv = ["report", str(runs["kd"]), "--out", str(tmp_path / "cli"), "--eps", "0.1", "--eps-sweep", "0.05"]
-    argv += ["--attacks", "clean,pgd3,cw3", "--n-examples", "24", "--faith-steps", "2", "--faith-restarts", "1"]
-    argv += ["--certify-method", "ibp", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    argv = ["report", str(runs["kd"]), "--out", str(tmp_path / "cli"), "--eps", "0.1", "--eps_sweep", "0.05"]
+    argv += ["--attacks", "clean,pgd3,cw3", "--n_examples", "24", "--faith_steps", "2", "--faith_restarts", "1"]
+    argv += ["--certify_method", "ibp", "--batch_size", "16", "--device", "cpu", "--no_progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "kd: " in out and "report.html" in out
