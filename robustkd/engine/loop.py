@@ -426,6 +426,7 @@ class _Sums:
     device: torch.device
     values: dict[str, Any] = field(default_factory=dict)
     seen: int = 0
+    correct: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.correct = torch.zeros((), device=self.device)
