@@ -85,7 +85,7 @@ def distill(
     plus any top-level field (``epochs=5``, ``name="kd"``).
     """
     from robustkd.config import to_dict
-    from robustkd.errors import ConfigError
+    from robustkd.engine import train as _train
 
     raw = to_dict(_config(config)) if config is not None else {"method": {"name": "kd", "args": {}}}
     if teacher is not None:
@@ -97,12 +97,8 @@ def distill(
     if data is not None:
         raw["data"] = {"dataset": data} if isinstance(data, str) else dict(data)
     raw.update(overrides)
-    cfg = _config(raw)
-    if cfg.teacher is None:
-        raise ConfigError("teacher: distill needs a teacher checkpoint (teacher=PATH)")
-    from robustkd.engine import train as _train
-
-    return _train(cfg)
+    # The engine refuses a distillation method without a teacher, before any work.
+    return _train(_config(raw))
 
 
 def load_model(path: Any, **kwargs: Any) -> Any:

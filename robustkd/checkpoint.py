@@ -22,19 +22,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from robustkd._version import __version__
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
+from robustkd.models import create_model
 
 FORMAT = "robustkd-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "robustkd"
 REQUIRED = ("arch", "num_classes", "input_shape", "mean", "std")
-
-
-def _version() -> str:
-    from robustkd._version import __version__
-
-    return __version__
 
 
 def resolve(path: str | Path) -> Path:
@@ -70,7 +66,7 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for key, value in (extra or {}).items():
         tensors[f"__extra__.{key}"] = value.detach().cpu().contiguous()
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "robustkd_version": _version(), **meta}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "robustkd_version": __version__, **meta}
     full.setdefault("torch_version", torch.__version__)
     blob = st_save(tensors, metadata={META_KEY: json.dumps(full, sort_keys=True, default=str)})
     sidecar = {**full, "weights_sha256": hashlib.sha256(blob).hexdigest()}
@@ -137,8 +133,6 @@ def _read_meta(weights: Path, blob: bytes, header: Mapping[str, str]) -> dict[st
 
 def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
     """Rebuild the (untrained) model a checkpoint describes."""
-    from robustkd.models import create_model
-
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
@@ -229,8 +223,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    from robustkd.models import create_model
-
     if arch is None:
         raise CheckpointError(f"{path} is a bare state dict: name its architecture (arch=..., --teacher-arch)")
     if not path.is_file():
@@ -291,7 +283,7 @@ def check_compatible(teacher: Mapping[str, Any], student: Mapping[str, Any], *, 
             a, b = (tuple(a), tuple(b)) if key == "input_shape" else (int(a), int(b))
             if a != b:
                 problems.append(
-                    f"{name} {list(a) if isinstance(a, tuple) else a} vs {list(b) if isinstance(b, tuple) else b}"
+                    f"{name} ({list(a) if isinstance(a, tuple) else a} vs {list(b) if isinstance(b, tuple) else b})"
                 )
     if problems:
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from robustkd.attacks import PRESETS, ThreatModel, get_attack
+from robustkd.certify import get_verifier
 from robustkd.errors import ConfigError, RobustKDError
 
 
@@ -96,8 +99,9 @@ class ValidateConfig:
 
     attack: str | None = None
     """E.g. 'pgd10': also measure robust accuracy on the validation split."""
-    protocol: str | None = None
-    """Threat-model preset for that attack, e.g. 'linf-0.1'."""
+    protocol: ThreatModel | str | None = None
+    """Threat model for that attack (and certify): a preset name such as 'linf-0.1' (robustkd list protocols) or a
+    mapping of its fields ({norm: linf, eps: 0.1, steps: 40}); read into a ThreatModel when the config is loaded."""
     certify: str | None = None
     """E.g. 'ibp': also measure certified accuracy on the validation split at the protocol's eps (ibp | crown-ibp
     | best); for certified training, whose clean accuracy peaks before the eps ramp."""
@@ -153,75 +157,118 @@ SELECT = ("auto", "clean", "robust", "certified", "last")
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse values that would fail later or silently do something else; messages name the field."""
-
-    def need(cond: bool, fld: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{fld}: {msg}")
-
     _check_types(cfg)
+    _check_run(cfg)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_validate(cfg.validate)
+    return cfg
 
-    need(
+
+def _need(cond: bool, fld: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{fld}: {msg}")
+
+
+def _check_run(cfg: TrainConfig) -> None:
+    _need(
         bool(NAME_RE.match(cfg.name)) and ".." not in cfg.name,
         "name",
         f"{cfg.name!r} must be a plain folder name (letters, digits, '_.+-'; no '/' or '..')",
     )
-    need(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
-    need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
-    need(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
-    need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
-    d = cfg.data
-    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
+    _need(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    _need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
+    _need(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
+    _need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
+
+
+def _check_data(d: DataConfig) -> None:
+    _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
     for fld in ("train_subset", "test_subset"):
         value = getattr(d, fld)
-        need(value is None or value >= 1, f"data.{fld}", f"must be >= 1 or null, got {value}")
-    o = cfg.optim
-    need(o.name in ("sgd", "adam", "adamw"), "optim.name", f"must be sgd, adam or adamw, got {o.name!r}")
-    need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    need(
+        _need(value is None or value >= 1, f"data.{fld}", f"must be >= 1 or null, got {value}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    _need(o.name in ("sgd", "adam", "adamw"), "optim.name", f"must be sgd, adam or adamw, got {o.name!r}")
+    _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _need(
         o.schedule in ("constant", "cosine", "multistep"),
         "optim.schedule",
         f"must be constant, cosine or multistep, got {o.schedule!r}",
     )
-    need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
-    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", f"must be > 0 or null, got {o.grad_clip}")
-    need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
-    need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {list(o.betas)}")
-    need(all(m >= 0 for m in o.milestones), "optim.milestones", f"must be epochs >= 0, got {o.milestones}")
-    v = cfg.validate
-    need(
-        v.select in SELECT,
-        "validate.select",
-        f"must be one of {', '.join(SELECT)}, got {v.select!r}",
+    _need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", f"must be > 0 or null, got {o.grad_clip}")
+    _need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    _need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {list(o.betas)}")
+    _need(all(m >= 0 for m in o.milestones), "optim.milestones", f"must be epochs >= 0, got {o.milestones}")
+
+
+def _check_validate(v: ValidateConfig) -> None:
+    # The protocol itself was read into a ThreatModel (and checked) with the types.
+    _need(v.select in SELECT, "validate.select", f"must be one of {', '.join(SELECT)}, got {v.select!r}")
+    _need(
+        v.select != "robust" or v.attack is not None, "validate.select", "'robust' needs validate.attack (e.g. pgd10)"
     )
-    need(
-        v.select != "robust" or v.attack is not None,
-        "validate.select",
-        "'robust' needs validate.attack (e.g. pgd10)",
-    )
-    need(
+    _need(
         v.select != "certified" or v.certify is not None,
         "validate.select",
         "'certified' needs validate.certify (e.g. ibp)",
     )
-    need(
+    _need(
         (v.attack is None and v.certify is None) or v.protocol is not None,
         "validate.protocol",
         "set a threat model (e.g. linf-0.1) for validate.attack / validate.certify",
     )
-    need(
+    _need(
         v.max_examples is None or v.max_examples >= 1,
         "validate.max_examples",
         f"must be >= 1 or null, got {v.max_examples}",
     )
+    # Found now rather than after the first training epoch, when validation would first use them.
     if v.attack is not None:
-        _check_attack(v.attack, v.protocol or "")
+        try:
+            get_attack(v.attack)
+        except RobustKDError as err:
+            raise ConfigError(f"validate.attack: {err}") from None
     if v.certify is not None:
-        _check_certify(v.certify, v.protocol or "")
-    return cfg
+        _check_certify(v.certify, v.protocol)
+
+
+def _check_certify(verifier: str, threat: ThreatModel) -> None:
+    try:
+        get_verifier(verifier)
+    except RobustKDError as err:
+        raise ConfigError(f"validate.certify: {err}") from None
+    if threat.norm != "linf":
+        raise ConfigError(
+            f"validate.certify: certificates are for linf balls, but {protocol_value(threat)!r} is {threat.norm}"
+        )
+
+
+def protocol_value(threat: ThreatModel) -> str | dict[str, Any]:
+    """How a threat model is written back into a config: a name that reads back to exactly it, else its fields.
+
+    A protocol given as a preset or ``linf-<eps>`` name keeps that name in ``config.yaml`` and the checkpoint
+    sidecars; one given as a mapping (or changed from its preset) is saved as a mapping of its fields.
+    """
+    names = [
+        *PRESETS.names(),
+        f"{threat.norm}-{threat.eps:g}",
+        f"{threat.norm}-{round(threat.eps * 255)}/255",
+        f"{threat.norm}-{threat.eps!r}",
+    ]
+    for name in names:
+        try:
+            if ThreatModel.preset(name) == threat:
+                return name
+        except RobustKDError:
+            continue  # not a name this parser reads (e.g. an eps printed with an exponent)
+    return {f.name: getattr(threat, f.name) for f in dataclasses.fields(threat)}
 
 
 def _check_types(obj: Any, prefix: str = "") -> None:
@@ -229,7 +276,7 @@ def _check_types(obj: Any, prefix: str = "") -> None:
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, hint = getattr(obj, f.name), hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if _is_section(hint):
             if not isinstance(value, hint):
                 raise ConfigError(f"{prefix}{f.name}: expected a mapping, got {_show(value)}")
             _check_types(value, f"{prefix}{f.name}.")
@@ -237,31 +284,9 @@ def _check_types(obj: Any, prefix: str = "") -> None:
             setattr(obj, f.name, _typed(value, hint, f"{prefix}{f.name}"))
 
 
-def _check_attack(attack: str, protocol: str) -> None:
-    # Found now rather than after the first training epoch, when validation would first use them.
-    from robustkd.attacks import ThreatModel, get_attack
-
-    try:
-        get_attack(attack)
-    except RobustKDError as err:
-        raise ConfigError(f"validate.attack: {err}") from None
-    try:
-        ThreatModel.preset(protocol)
-    except RobustKDError as err:
-        raise ConfigError(f"validate.protocol: {err}") from None
-
-
-def _check_certify(verifier: str, protocol: str) -> None:
-    from robustkd.attacks import ThreatModel
-    from robustkd.certify import get_verifier
-
-    try:
-        get_verifier(verifier)
-        threat = ThreatModel.preset(protocol)
-    except RobustKDError as err:
-        raise ConfigError(f"validate.certify: {err}") from None
-    if threat.norm != "linf":
-        raise ConfigError(f"validate.certify: certificates are for linf balls, but {protocol!r} is {threat.norm}")
+def _is_section(hint: Any) -> bool:
+    """A nested config dataclass; a ThreatModel is a value read from a name or a mapping, not a section."""
+    return dataclasses.is_dataclass(hint) and hint is not ThreatModel
 
 
 def load_config(source: str | os.PathLike | dict[str, Any] | TrainConfig) -> TrainConfig:
@@ -296,7 +321,16 @@ def load_config(source: str | os.PathLike | dict[str, Any] | TrainConfig) -> Tra
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain data (YAML- and JSON-able) that ``from_dict`` reads back to an equal config."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ThreatModel):
+        return protocol_value(value)
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    return copy.deepcopy(value)
 
 
 def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
@@ -317,7 +351,7 @@ def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5) if isinstance(key, str) else []
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown option{hint}")
-        if dataclasses.is_dataclass(hints[key]):
+        if _is_section(hints[key]):
             kwargs[key] = from_dict(value, hints[key], f"{prefix}{key}.")
         else:
             kwargs[key] = _typed(value, hints[key], f"{prefix}{key}")
@@ -332,6 +366,11 @@ def _hints(cls: type) -> dict[str, Any]:
 def _typed(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against (and, for numbers, converted to) the field type ``hint``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if ThreatModel in args:
+        # Parsed here, once: the engine, methods and evaluation see only the ThreatModel.
+        if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a protocol name or a mapping of field names, got {_show(value)}")
+        return None if value is None else ThreatModel.parse(value, field=where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

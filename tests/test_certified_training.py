@@ -668,7 +668,7 @@ def test_config_loads_validates_and_builds(path: str) -> None:
         assert cfg.validate.select == "last"
     else:  # certified teachers keep the most-certified validation epoch
         assert cfg.validate.certify == "ibp" and cfg.validate.select == "auto"
-    protocol = ThreatModel.preset(cfg.validate.protocol)
+    protocol = ThreatModel.parse(cfg.validate.protocol)
     assert method.threat.eps >= protocol.eps  # train at least at the test eps
     assert method.warmup_epochs + method.ramp_epochs < cfg.epochs  # the full eps is reached in the run
     assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_size) == ("adam", 5e-4, 256)

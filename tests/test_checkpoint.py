@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from robustkd.checkpoint import load_model, read_meta, save_checkpoint
-from robustkd.errors import CheckpointError
+from robustkd.errors import CheckpointError, ConfigError
 from robustkd.models import create_model
 
 
@@ -120,3 +120,17 @@ def test_wrong_shapes_are_named(tmp_path):
     torch.save(model.state_dict(), tmp_path / "seven.pt")
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_model(tmp_path / "seven.pt", arch="dm_small", num_classes=10, in_channels=1, input_size=28)
+
+
+def test_check_compatible_is_the_one_teacher_student_rule():
+    from robustkd.checkpoint import check_compatible
+
+    student = {"num_classes": 10, "input_shape": (1, 28, 28)}
+    check_compatible({"num_classes": 10, "input_shape": [1, 28, 28]}, student)  # a list and a tuple agree
+    check_compatible({"arch": "dm_small"}, student)  # a foreign .pt describes nothing: nothing to compare
+    with pytest.raises(ConfigError, match=r"^teacher: teacher and student differ in classes \(7 vs 10\)"):
+        check_compatible({"num_classes": 7, "input_shape": [1, 28, 28]}, student)
+    with pytest.raises(ConfigError, match=r"^pair: .* input shape \(\[3, 28, 28\] vs \[1, 28, 28\]\)"):
+        check_compatible({"input_shape": [3, 28, 28]}, student, what="pair")
+    with pytest.raises(ConfigError, match=r"classes \(7 vs 10\); input shape"):
+        check_compatible({"num_classes": 7, "input_shape": [3, 28, 28]}, student)

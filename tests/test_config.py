@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from robustkd.attacks import ThreatModel
 from robustkd.config import TrainConfig, from_dict, to_dict, validate
 from robustkd.engine.optim import learning_rate
 from robustkd.errors import ConfigError
@@ -70,3 +71,64 @@ def test_learning_rate_schedules():
     cfg.warmup_epochs = 1
     assert learning_rate(cfg, 4, 10, 5) == pytest.approx(0.05)
     assert learning_rate(cfg, 10, 10, 5) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "saved"),
+    [
+        ("linf-0.1", "linf-0.1"),
+        ("linf-8/255", "linf-8/255"),
+        ("linf-4/255", "linf-4/255"),
+        ("linf-0.05", "linf-0.05"),
+        ("l2-0.5", "l2-0.5"),
+        ({"eps": 0.2, "steps": 7}, {"norm": "linf", "eps": 0.2, "step_size": None, "steps": 7, "restarts": 1,
+                                    "random_start": "uniform"}),
+        (ThreatModel("l2", 2.0), "l2-2"),
+    ],
+)  # fmt: skip
+def test_validation_protocol_is_read_once_and_written_back_readably(protocol, saved):
+    cfg = validate(from_dict({"validate": {"attack": "pgd10", "protocol": protocol}}))
+    assert cfg.validate.protocol == ThreatModel.parse(protocol)
+    raw = to_dict(cfg)
+    assert raw["validate"]["protocol"] == saved
+    assert from_dict(yaml.safe_load(yaml.safe_dump(raw))) == cfg  # config.yaml reads back to the same run
+
+
+def test_validation_protocol_set_in_python_is_parsed_by_validate():
+    cfg = TrainConfig()
+    cfg.validate.protocol = "linf-0.1"
+    assert validate(cfg).validate.protocol == ThreatModel.preset("linf-0.1")
+    cfg.validate.protocol = {"norm": "linf", "eps": 0.1, "epz": 1}
+    with pytest.raises(ConfigError, match="^validate.protocol: unknown field 'epz'"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("linf-5", "eps: .* above 1"),
+        ("linf-0.l", "unknown threat-model preset"),
+        (3, "expected a protocol name"),
+        ({1: "linf"}, "expected a protocol name or a mapping of field names"),
+        ({"eps": -1}, "eps: must be >= 0"),
+    ],
+)
+def test_validation_protocol_nonsense_names_the_field(value, message):
+    with pytest.raises(ConfigError, match=f"^validate.protocol: {message}"):
+        from_dict({"validate": {"protocol": value}})
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--validate.protocol", "linf-0.1"], ThreatModel.preset("linf-0.1")),
+        (["--validate.protocol", "{norm: l2, eps: 0.5, steps: 3}"], ThreatModel("l2", 0.5, steps=3)),
+    ],
+)
+def test_validation_protocol_from_the_command_line(argv, expected):
+    from robustkd.cli import _parse, _train_parser
+
+    raw = _parse(_train_parser("robustkd train", "", ""), argv).as_dict()
+    raw.pop("config", None)
+    raw.pop("__path__", None)
+    assert validate(from_dict(raw)).validate.protocol == expected

@@ -997,12 +997,12 @@ def test_config_loads(path: str) -> None:
     assert method.needs_teacher and cfg.teacher is None  # the teacher comes from the command line
     assert cfg.model.arch in list_models()
     get_attack(cfg.validate.attack)
-    protocol = ThreatModel.preset(cfg.validate.protocol)
+    protocol = ThreatModel.parse(cfg.validate.protocol)
     assert method.threat.eps == pytest.approx(protocol.eps)
     if path.startswith("configs/fmnist"):
-        assert cfg.model.arch == "dm_small" and cfg.validate.protocol == "linf-0.1"
+        assert cfg.model.arch == "dm_small" and cfg.validate.protocol == ThreatModel.preset("linf-0.1")
         assert (method.threat.alpha, method.threat.steps) == (0.01, 10)
     else:
-        assert cfg.data.augment == "crop_flip" and cfg.validate.protocol == "linf-8/255"
+        assert cfg.data.augment == "crop_flip" and cfg.validate.protocol == ThreatModel.preset("linf-8/255")
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.data.batch_size) == ("sgd", 0.1, 0.9, 128)
         assert cfg.optim.schedule == "multistep"

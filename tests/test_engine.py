@@ -1,11 +1,13 @@
 """The training loop: checkpoints, resume bit for bit, validation split, errors, and a real run."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import robustkd
+from robustkd.attacks import ThreatModel
 from robustkd.checkpoint import load_model, read_meta
 from robustkd.config import from_dict
 from robustkd.data.base import Dataset, DatasetInfo, Split
@@ -176,6 +178,76 @@ def test_teacher_method_needs_teacher(tmp_path, toy, monkeypatch):
         robustkd.train(_cfg(tmp_path, method={"name": "needs_teacher_test"}))
 
 
+def test_distill_without_teacher_is_refused_before_any_work(tmp_path, toy):
+    # One check, in the engine: the Python API and the config file reach the same refusal.
+    with pytest.raises(ConfigError, match="^teacher: method 'kd' distils from a teacher"):
+        robustkd.distill(student="dm_small", data={"dataset": "toy"}, out_dir=str(tmp_path), name="kd")
+    assert not (tmp_path / "kd").exists()
+
+
+def _balled(monkeypatch, threat):
+    """A registered method (removed after the test) that trains against ``threat``."""
+    from dataclasses import dataclass, field
+
+    from robustkd.methods import METHODS
+    from robustkd.methods.standard import Standard
+
+    @dataclass
+    class Balled(Standard):
+        threat: ThreatModel = field(default_factory=lambda: threat)
+
+    monkeypatch.setitem(METHODS._entries, "balled_test", Balled)
+    return {"name": "balled_test"}
+
+
+@pytest.mark.parametrize(
+    ("trained", "protocol", "shown"),
+    [
+        (ThreatModel("linf", 0.2), "linf-0.1", r"linf eps=0.2 but validate.protocol is 'linf-0.1' \(linf eps=0.1\)"),
+        (ThreatModel("l2", 0.1), "linf-0.1", r"l2 eps=0.1 but validate.protocol is 'linf-0.1' \(linf eps=0.1\)"),
+    ],
+)
+def test_training_and_validation_balls_that_differ_warn_at_start(tmp_path, toy, monkeypatch, trained, protocol, shown):
+    from robustkd.engine import ThreatMismatchWarning
+
+    cfg = _cfg(tmp_path, epochs=1, method=_balled(monkeypatch, trained), validate={"protocol": protocol})
+    with pytest.warns(ThreatMismatchWarning, match=f"'balled_test' trains against {shown}.*Make the two agree") as seen:
+        robustkd.train(cfg)
+    assert len([w for w in seen if issubclass(w.category, ThreatMismatchWarning)]) == 1
+    assert issubclass(ThreatMismatchWarning, UserWarning)
+
+
+def test_training_and_validation_balls_that_agree_do_not_warn(tmp_path, toy, monkeypatch):
+    import warnings
+
+    from robustkd.engine import ThreatMismatchWarning
+
+    # The preset's step size and budget differ from the method's; only the ball (norm, eps) must agree.
+    method = _balled(monkeypatch, ThreatModel("linf", 0.1, steps=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ThreatMismatchWarning)
+        robustkd.train(_cfg(tmp_path, name="a", epochs=1, method=method, validate={"protocol": "linf-0.1"}))
+        robustkd.train(_cfg(tmp_path, name="b", epochs=1, method=method))  # no protocol: nothing to compare
+
+
+def test_validation_protocol_is_saved_as_written_and_reads_back(tmp_path, toy):
+    from robustkd.config import load_config
+
+    mapping = {"norm": "linf", "eps": 0.05, "steps": 3}
+    for name, protocol in (("preset", "linf-0.1"), ("fraction", "linf-4/255"), ("mapping", mapping)):
+        cfg = _cfg(tmp_path, name=name, epochs=1, validate={"attack": "pgd2", "protocol": protocol, "max_examples": 8})
+        assert isinstance(cfg.validate.protocol, ThreatModel)
+        robustkd.train(cfg)
+        saved = load_config(tmp_path / name / "config.yaml")
+        assert saved == cfg and saved.validate.protocol == ThreatModel.parse(protocol)
+        sidecar = read_meta(tmp_path / name / "best")["config"]
+        written = protocol if isinstance(protocol, str) else dataclasses.asdict(saved.validate.protocol)
+        assert sidecar["validate"]["protocol"] == written
+        assert load_config(sidecar) == cfg
+    rows = [json.loads(line) for line in (tmp_path / "mapping" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= rows[0]["val/robust_acc"] <= rows[0]["val/acc"]
+
+
 def test_unknown_method_option_is_refused(tmp_path, toy):
     with pytest.raises(ConfigError, match="method.args.label_smoothng.*did you mean 'label_smoothing'"):
         robustkd.train(_cfg(tmp_path, method={"name": "standard", "args": {"label_smoothng": 0.1}}))
@@ -233,7 +305,11 @@ def test_distill_from_checkpoint_and_from_pt(tmp_path, toy):
 
 @pytest.mark.parametrize(
     ("teacher_kwargs", "message"),
-    [({"num_classes": 7}, "7 classes"), ({"in_channels": 3}, r"input \(3, 16, 16\)"), ({"input_size": 20}, "input")],
+    [
+        ({"num_classes": 7}, r"classes \(7 vs 4\)"),
+        ({"in_channels": 3}, r"input shape \(\[3, 16, 16\] vs \[1, 16, 16\]\)"),
+        ({"input_size": 20}, r"input shape \(\[1, 20, 20\] vs \[1, 16, 16\]\)"),
+    ],
 )
 def test_teacher_student_mismatch_is_refused_before_training(tmp_path, toy, teacher_kwargs, message):
     _toy_teacher(tmp_path, **teacher_kwargs)

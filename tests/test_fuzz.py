@@ -78,7 +78,7 @@ def _check_accepted(cfg: TrainConfig) -> None:
     assert all(isinstance(m, float) for m in cfg.optim.milestones)
     assert isinstance(cfg.method.args, dict) and isinstance(cfg.model.args, dict)
     if cfg.validate.attack is not None:
-        assert ThreatModel.preset(cfg.validate.protocol).eps <= 1
+        assert ThreatModel.parse(cfg.validate.protocol).eps <= 1
 
 
 @given(raw=configs)

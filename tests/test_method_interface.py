@@ -354,7 +354,7 @@ def test_config_loads_and_names_a_valid_method(path: str) -> None:
         assert cfg.data.augment in AUGMENTS
     assert cfg.validate.attack is not None
     get_attack(cfg.validate.attack)
-    protocol = ThreatModel.preset(cfg.validate.protocol)
+    protocol = ThreatModel.parse(cfg.validate.protocol)
     if hasattr(method, "threat"):
         # Training attacks use the evaluation protocol's ball.
         assert method.threat.eps == pytest.approx(protocol.eps)

@@ -1,5 +1,5 @@
 """The one training loop every method runs in."""
 
-from robustkd.engine.loop import TrainResult, train
+from robustkd.engine.loop import ThreatMismatchWarning, TrainingError, TrainResult, train
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["ThreatMismatchWarning", "TrainResult", "TrainingError", "train"]

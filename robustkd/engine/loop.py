@@ -1,4 +1,9 @@
-"""The training loop: data, model, method, optimiser, validation, checkpoints, resume, logs."""
+"""The training loop: data, model, method, optimiser, validation, checkpoints, resume, logs.
+
+``train`` runs named steps over one ``_Run``: prepare the run folder, load the data, build the model, load
+the teacher, then per epoch ``_train_epoch`` (``_step`` after ``_step``) and ``_close_epoch`` (validate,
+save, log), and at the end ``_final_test``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,19 +22,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.checkpoint import checkpoint_bytes, load_model, save_checkpoint
-from robustkd.config import TrainConfig, to_dict, validate
-from robustkd.engine.distributed import distributed
+import robustkd.data as datasets
+from robustkd.attacks import ThreatModel
+from robustkd.certify import certified_accuracy as certified
+from robustkd.checkpoint import check_compatible, checkpoint_bytes, load_model, save_checkpoint
+from robustkd.config import TrainConfig, ValidateConfig, from_dict, protocol_value, to_dict, validate
+from robustkd.data import DatasetInfo, Split, build_augment, iterate_batches, stratified_split
+from robustkd.engine.distributed import Dist, distributed
 from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.engine.state import STATE_FILE, load_state, save_state
 from robustkd.errors import ConfigError, RobustKDError
+from robustkd.evaluate import evaluate_robustness
 from robustkd.io import atomic_write_json, atomic_write_text, preflight_write
-from robustkd.methods import Batch, StepInfo, build_method
+from robustkd.methods import Batch, Method, Output, StepInfo, build_method
+from robustkd.models import create_model
 from robustkd.runtime import derive_seed, freeze, resolve_device, seed_everything
 
 
 class TrainingError(RobustKDError):
     """Training cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+class ThreatMismatchWarning(UserWarning):
+    """The method trains against one perturbation ball and validation measures another (norm or eps differ)."""
 
 
 @dataclass
@@ -97,19 +112,17 @@ def robust_accuracy(
     images: torch.Tensor,
     labels: torch.Tensor,
     attack: str,
-    protocol: str,
+    threat: ThreatModel,
     batch_size: int,
     seed: int,
 ) -> float:
-    """Accuracy under a named attack recipe (e.g. pgd10) on uint8 images, model in eval mode."""
-    from robustkd.evaluate import evaluate_robustness
-
+    """Accuracy under a named attack recipe (e.g. pgd10) in ``threat``'s ball on uint8 images, model in eval mode."""
     x = images.float().div(255)
     result = evaluate_robustness(
         model,
         x,
         labels,
-        protocol=protocol,
+        protocol=threat,
         attacks=("clean", attack),
         batch_size=batch_size,
         seed=seed,
@@ -119,17 +132,13 @@ def robust_accuracy(
 
 
 def certified_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, verifier: str, protocol: str, batch_size: int
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, verifier: str, threat: ThreatModel, batch_size: int
 ) -> float:
-    """Certified accuracy at the protocol's (linf) eps on uint8 images, model in eval mode."""
-    from robustkd.attacks import ThreatModel
-    from robustkd.certify import certified_accuracy as certified
-
-    eps = ThreatModel.preset(protocol).eps
-    return certified(model, images, labels, eps, verifier, batch_size)
+    """Certified accuracy at ``threat``'s (linf) eps on uint8 images, model in eval mode."""
+    return certified(model, images, labels, threat.eps, verifier, batch_size)
 
 
-def _selection(v: Any) -> str:
+def _selection(v: ValidateConfig) -> str:
     """The metric the best checkpoint maximises (a key of the epoch's row), or "last"."""
     select = v.select
     if select == "auto":
@@ -173,25 +182,216 @@ class _Progress:
 
 
 def _stratified_take(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    from robustkd.data import stratified_split
-
     if n >= len(labels):
         return torch.arange(len(labels))
     _, idx = stratified_split(labels, val_fraction=n / len(labels), seed=seed)
     return idx
 
 
-def _check_teacher(teacher: nn.Module, info: Any) -> None:
-    meta = getattr(teacher, "robustkd_meta", {}) or {}
-    problems = []
-    if "num_classes" in meta and int(meta["num_classes"]) != info.num_classes:
-        problems.append(f"the teacher has {meta['num_classes']} classes, {info.name} has {info.num_classes}")
-    if "input_shape" in meta and tuple(meta["input_shape"]) != tuple(info.input_shape):
-        problems.append(
-            f"the teacher takes input {tuple(meta['input_shape'])}, {info.name} is {tuple(info.input_shape)}"
+@dataclass
+class _Data:
+    """The splits of one run: training and validation on the device (uint8), the test split where it was loaded."""
+
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass
+class _Run:
+    """Everything one run resolved before its first epoch; the named steps below read it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: Path
+    method: Method
+    data: _Data
+    model: nn.Module  # checkpoints, validation and the optimiser use it
+    student: nn.Module  # what methods call: ``model``, DDP-wrapped when distributed
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    batch_size: int  # this rank's share of the global batch
+    steps_per_epoch: int
+    meta: dict[str, Any]
+    autocast: AbstractContextManager[Any]
+    start_epoch: int = 0
+    best_score: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
+    """Train (or distil into) a model as ``config`` says; returns where the checkpoints are.
+
+    Launched by torchrun with several processes, it trains with DistributedDataParallel: ``batch_size`` is
+    the global batch, each rank takes its shard of one shared permutation, and rank 0 alone validates and
+    writes the run folder (see docs/DISTRIBUTED.md). Every rank returns the same result.
+    """
+    cfg = validate(from_dict(config) if isinstance(config, dict) else config)
+    method = _build_method(cfg)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
+        batch_size = dist.rank_batch(cfg.data.batch_size)  # one the ranks cannot share is refused before any work
+        if dist.is_main:
+            _warn_threat_mismatch(cfg, method)
+        resuming = dist.on_main(partial(_prepare_dir, cfg, run_dir, stack))
+        run = _setup(cfg, method, dist, run_dir, resuming, batch_size)
+        writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, run.start_epoch)
+        progress = _Progress(cfg.progress and dist.is_main)
+        try:
+            for epoch in range(run.start_epoch, cfg.epochs):
+                row = _train_epoch(run, epoch, progress)
+                # The others wait here while rank 0 validates and writes; then all hold the same row.
+                row, run.best_score = dist.on_main(partial(_close_epoch, run, epoch, row, writer))
+                run.history.append(row)
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+        test = dist.on_main(partial(_final_test, run))
+        return TrainResult(run_dir, run_dir / "best.safetensors", run_dir / "last.safetensors", run.history, test)
+
+
+def _build_method(cfg: TrainConfig) -> Method:
+    """The configured method; one that distils is refused here, before any work, when no teacher is given."""
+    method = build_method(cfg.method.name, cfg.method.args)
+    if method.needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"teacher: method {cfg.method.name!r} distils from a teacher; pass --teacher PATH")
+    return method
+
+
+def _warn_threat_mismatch(cfg: TrainConfig, method: Method) -> None:
+    """Say so when the ball the method trains against is not the one validation measures (and selects on)."""
+    trained, measured = getattr(method, "threat", None), cfg.validate.protocol
+    if not isinstance(trained, ThreatModel) or measured is None:
+        return
+    if trained.norm == measured.norm and math.isclose(trained.eps, measured.eps, rel_tol=1e-6):
+        return
+    warnings.warn(
+        ThreatMismatchWarning(
+            f"method {cfg.method.name!r} trains against {trained.norm} eps={trained.eps:g} but validate.protocol "
+            f"is {protocol_value(measured)!r} ({measured.norm} eps={measured.eps:g}): checkpoints are chosen under "
+            "another threat model than the one trained for. Make the two agree (the method's eps and norm, or "
+            "validate.protocol) to silence this warning"
+        ),
+        stacklevel=3,
+    )
+
+
+def _prepare_dir(cfg: TrainConfig, run_dir: Path, stack: ExitStack) -> bool:
+    """Rank 0: check and lock the run folder and write the resolved config; True when resuming a run."""
+    preflight_write(run_dir)  # creatable and writable, or one clear error before any work
+    if not cfg.resume and (run_dir / STATE_FILE).exists():
+        raise ConfigError(
+            f"resume: {run_dir} already holds a run; pass --resume true to continue it, or choose another --name"
         )
-    if problems:
-        raise ConfigError("teacher: " + "; ".join(problems))
+    stack.enter_context(run_lock(run_dir))
+    # Writing the resolved config first doubles as the pre-flight check that the folder is writable.
+    import yaml
+
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return bool(cfg.resume and (run_dir / STATE_FILE).exists())
+
+
+def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming: bool, batch_size: int) -> _Run:
+    """Data, model, teacher and optimiser, in the order that fixes what the seed produces; then the resume state."""
+    seed_everything(cfg.seed)
+    data = _load_data(cfg, dist.device)
+    model = _build_model(cfg, data.info, dist.device)
+    teacher = _load_teacher(cfg, method, data.info, dist)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    # Room for the next writes: a fresh run writes best, last and the resume state (weights and up to two
+    # optimiser moments) plus a temporary copy; a resumed one replaces them, one temporary copy at a time.
+    copies = 3 if resuming else 6
+    dist.on_main(lambda: preflight_write(run_dir, need_bytes=copies * checkpoint_bytes(model)))
+    steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
+    if steps_per_epoch == 0:
+        raise ConfigError("data: the training split is empty")
+    bf16 = cfg.bf16 and dist.device.type == "cuda"
+    run = _Run(
+        cfg=cfg,
+        dist=dist,
+        run_dir=run_dir,
+        method=method,
+        data=data,
+        model=model,
+        student=model,
+        teacher=teacher,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        meta=_meta(cfg, data.info),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(),
+    )
+    if resuming:
+        # Every rank reads the same file (the run folder must be visible to all of them).
+        saved = load_state(run_dir, model, optimizer)
+        run.start_epoch, run.best_score, run.history = saved["epoch"] + 1, saved["best_score"], saved["history"]
+    run.student = dist.wrap(model)
+    return run
+
+
+def _load_data(cfg: TrainConfig, device: torch.device) -> _Data:
+    """The training split minus a stratified validation split, optional stratified subsets, and augmentation."""
+    # Looked up on the package at call time, so a substituted loader (tests, toy data) is the one used.
+    data = datasets.load_dataset(cfg.data.dataset, cfg.data.root)
+    info = data.info
+    train_idx, val_idx = stratified_split(data.train.labels, cfg.data.val_fraction, cfg.seed)
+    if cfg.data.train_subset is not None:
+        keep = _stratified_take(data.train.labels[train_idx], cfg.data.train_subset, cfg.seed)
+        train_idx = train_idx[keep]
+    train, val, test = data.train.subset(train_idx), data.train.subset(val_idx), data.test
+    if cfg.data.test_subset is not None:
+        test = data.test.subset(_stratified_take(data.test.labels, cfg.data.test_subset, cfg.seed))
+    # uint8 on the device: a quarter of the memory of float and no host copies per step.
+    train, val = train.to(device), val.to(device)
+    augment = build_augment(cfg.data.augment if cfg.data.augment is not None else info.default_augment, info)
+    return _Data(info, train, val, test, augment)
+
+
+def _build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
+    model = create_model(
+        cfg.model.arch,
+        num_classes=info.num_classes,
+        in_channels=info.input_shape[0],
+        input_size=info.input_shape[-1],
+        mean=info.mean,
+        std=info.std,
+        **cfg.model.args,
+    )
+    if cfg.model.init:
+        model.load_state_dict(load_model(cfg.model.init).state_dict())
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _load_teacher(cfg: TrainConfig, method: Method, info: DatasetInfo, dist: Dist) -> nn.Module | None:
+    """The frozen teacher, checked against the data; None for a method that uses none."""
+    if cfg.teacher is None:
+        return None
+    if not method.needs_teacher:
+        if dist.is_main:
+            warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=4)
+        return None
+    shape: dict[str, Any] = {}
+    if cfg.teacher_arch:  # a bare .pt state dict: the data says what the architecture is built for
+        shape = {
+            "num_classes": info.num_classes,
+            "in_channels": info.input_shape[0],
+            "input_size": info.input_shape[-1],
+        }
+    teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=dist.device, **shape))
+    _check_teacher(teacher, info)
+    return teacher
+
+
+def _check_teacher(teacher: nn.Module, info: DatasetInfo) -> None:
+    """The teacher's metadata against the data (the common rule), then a probe forward for teachers without it."""
+    meta = getattr(teacher, "robustkd_meta", None) or {}
+    check_compatible(meta, {"num_classes": info.num_classes, "input_shape": list(info.input_shape)})
     with torch.no_grad():
         param = next(teacher.parameters(), None)
         probe = torch.zeros(1, *info.input_shape, device=param.device if param is not None else "cpu")
@@ -203,283 +403,199 @@ def _check_teacher(teacher: nn.Module, info: Any) -> None:
         raise ConfigError(f"teacher: it outputs {out.shape[-1]} classes, {info.name} has {info.num_classes}")
 
 
-def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
-    """Train (or distil into) a model as ``config`` says; returns where the checkpoints are.
+def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """The checkpoint sidecar's description of the model, its data and the run."""
+    return {
+        "arch": cfg.model.arch,
+        "arch_args": dict(cfg.model.args),
+        "num_classes": info.num_classes,
+        "input_shape": list(info.input_shape),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "dataset": info.name,
+        "classes": list(info.classes),
+        "method": cfg.method.name,
+        "config": to_dict(cfg),
+    }
 
-    Launched by torchrun with several processes, it trains with DistributedDataParallel: ``batch_size`` is
-    the global batch, each rank takes its shard of one shared permutation, and rank 0 alone validates and
-    writes the run folder (see docs/DISTRIBUTED.md). Every rank returns the same result.
-    """
-    from robustkd.config import from_dict
-    from robustkd.data import build_augment, iterate_batches, load_dataset, stratified_split
-    from robustkd.models import create_model
 
-    cfg = validate(from_dict(config) if isinstance(config, dict) else config)
-    method = build_method(cfg.method.name, cfg.method.args)
-    if method.needs_teacher and cfg.teacher is None:
-        raise ConfigError(f"teacher: method {cfg.method.name!r} distils from a teacher; pass --teacher PATH")
-    run_dir = Path(cfg.out_dir) / cfg.name
+@dataclass
+class _Sums:
+    """One epoch's example-weighted sums, kept on the device: no host sync per step."""
 
-    with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
-        device = dist.device
-        batch_size = dist.rank_batch(cfg.data.batch_size)
+    device: torch.device
+    values: dict[str, Any] = field(default_factory=dict)
+    seen: int = 0
+    correct: torch.Tensor = field(init=False)
 
-        def prepare() -> bool:
-            preflight_write(run_dir)  # creatable and writable, or one clear error before any work
-            if not cfg.resume and (run_dir / STATE_FILE).exists():
-                raise ConfigError(
-                    f"resume: {run_dir} already holds a run; pass --resume true to continue it, or choose "
-                    "another --name"
-                )
-            stack.enter_context(run_lock(run_dir))
-            # Writing the resolved config first doubles as the pre-flight check that the folder is writable.
-            import yaml
+    def __post_init__(self) -> None:
+        self.correct = torch.zeros((), device=self.device)
 
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            return bool(cfg.resume and (run_dir / STATE_FILE).exists())
+    def add(self, out: Output, y: torch.Tensor) -> None:
+        n = len(y)
+        self.seen += n
+        self.values["loss"] = self.values.get("loss", 0) + out.loss.detach().float() * n
+        for key, value in out.logs.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self.values[key] = self.values.get(key, 0) + value.to(self.device) * n
+        if out.logits is not None:
+            self.correct += (out.logits.detach().argmax(1) == y).sum()
 
-        resuming = dist.on_main(prepare)
-        seed_everything(cfg.seed)
-        data = load_dataset(cfg.data.dataset, cfg.data.root)
-        info = data.info
-        train_idx, val_idx = stratified_split(data.train.labels, cfg.data.val_fraction, cfg.seed)
-        if cfg.data.train_subset is not None:
-            keep = _stratified_take(data.train.labels[train_idx], cfg.data.train_subset, cfg.seed)
-            train_idx = train_idx[keep]
-        train_split = data.train.subset(train_idx)
-        val_split = data.train.subset(val_idx)
-        test_split = data.test
-        if cfg.data.test_subset is not None:
-            test_split = data.test.subset(_stratified_take(data.test.labels, cfg.data.test_subset, cfg.seed))
-        # uint8 on the device: a quarter of the memory of float and no host copies per step.
-        train_x, train_y = train_split.images.to(device), train_split.labels.to(device)
-        val_x, val_y = val_split.images.to(device), val_split.labels.to(device)
-        augment_name = cfg.data.augment if cfg.data.augment is not None else info.default_augment
-        augment = build_augment(augment_name, info)
+    def reduce(self, dist: Dist) -> None:
+        """Sums over every rank's examples: the weighted means of a single process at the same batch."""
+        keys = list(self.values)
+        counts = [torch.tensor(self.seen, device=self.device), self.correct, *(self.values[k] for k in keys)]
+        totals = dist.all_sum(torch.stack([c.double() for c in counts]))
+        self.seen, self.correct = int(totals[0].item()), totals[1]
+        self.values = dict(zip(keys, totals[2:]))
 
-        model = create_model(
-            cfg.model.arch,
-            num_classes=info.num_classes,
-            in_channels=info.input_shape[0],
-            input_size=info.input_shape[-1],
-            mean=info.mean,
-            std=info.std,
-            **cfg.model.args,
-        )
-        if cfg.model.init:
-            init = load_model(cfg.model.init)
-            model.load_state_dict(init.state_dict())
-        model.to(device)
-        if cfg.channels_last and device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        teacher = None
-        if cfg.teacher is not None and method.needs_teacher:
-            teacher_kwargs: dict[str, Any] = {}
-            if cfg.teacher_arch:
-                teacher_kwargs = {
-                    "num_classes": info.num_classes,
-                    "in_channels": info.input_shape[0],
-                    "input_size": info.input_shape[-1],
-                }
-            teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=device, **teacher_kwargs))
-            _check_teacher(teacher, info)
-        elif cfg.teacher is not None and dist.is_main:
-            warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=2)
 
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-        # Room for the next writes: a fresh run writes best, last and the resume state (weights and up to two
-        # optimiser moments) plus a temporary copy; a resumed one replaces them, one temporary copy at a time.
-        copies = 3 if resuming else 6
-        dist.on_main(lambda: preflight_write(run_dir, need_bytes=copies * checkpoint_bytes(model)))
-        steps_per_epoch = math.ceil(len(train_y) / cfg.data.batch_size)
-        if steps_per_epoch == 0:
-            raise ConfigError("data: the training split is empty")
-        start_epoch, best_score, history = 0, -math.inf, []
-        if resuming:
-            # Every rank reads the same file (the run folder must be visible to all of them).
-            saved = load_state(run_dir, model, optimizer)
-            start_epoch, best_score, history = saved["epoch"] + 1, saved["best_score"], saved["history"]
-        # What methods call: DDP when distributed; checkpoints, validation and the optimiser use ``model``.
-        student = dist.wrap(model)
+def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict[str, Any]:
+    """One pass over this rank's shard of the training split; returns the epoch's row of training metrics."""
+    cfg, dist = run.cfg, run.dist
+    epoch_seed = derive_seed(cfg.seed, epoch)
+    # Ranks draw different augmentations and attack starts; the shuffle generator below is shared.
+    seed_everything(derive_seed(cfg.seed, epoch, dist.rank) if dist.enabled else epoch_seed)
+    generator = torch.Generator().manual_seed(epoch_seed)
+    run.student.train()
+    sums = _Sums(dist.device)
+    started = time.perf_counter()
+    progress.epoch(f"epoch {epoch + 1}/{cfg.epochs}", run.steps_per_epoch)
+    batches = iterate_batches(
+        run.data.train,
+        run.batch_size,
+        shuffle=True,
+        generator=generator,
+        device=dist.device,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    lr, logits = None, False
+    for i, (x, y, idx) in enumerate(batches):
+        step = epoch * run.steps_per_epoch + i
+        lr = learning_rate(cfg.optim, step, run.steps_per_epoch, cfg.epochs)
+        out = _step(run, Batch(x, y, idx), StepInfo(epoch, step, cfg.epochs, run.steps_per_epoch), lr)
+        logits = out.logits is not None
+        if not _finite(run, out.loss, epoch, step, lr):
+            progress.update(1)
+            continue
+        _optimise(run, out.loss)
+        sums.add(out, y)
+        if (i + 1) % cfg.log_every == 0:
+            progress.update(cfg.log_every, f"loss {float(sums.values['loss']) / sums.seen:.4f}")
+    progress.update(run.steps_per_epoch % cfg.log_every)
+    if dist.enabled:
+        sums.reduce(dist)
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
+    row.update({f"train/{k}": float(v) / max(1, sums.seen) for k, v in sums.values.items()})
+    if sums.seen and logits:
+        row["train/acc"] = float(sums.correct) / sums.seen
+    return row
 
-        meta = {
-            "arch": cfg.model.arch,
-            "arch_args": dict(cfg.model.args),
-            "num_classes": info.num_classes,
-            "input_shape": list(info.input_shape),
-            "mean": list(info.mean),
-            "std": list(info.std),
-            "dataset": info.name,
-            "classes": list(info.classes),
-            "method": cfg.method.name,
-            "config": to_dict(cfg),
-        }
-        writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, start_epoch)
-        progress = _Progress(cfg.progress and dist.is_main)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
-        select = _selection(cfg.validate)
 
-        def close_epoch(epoch: int, epoch_seed: int, row: dict[str, Any], best_score: float) -> tuple[dict, float]:
-            """Validation, checkpoints and logs of one epoch: rank 0's work, on the unwrapped model."""
-            if len(val_y):
-                row["val/acc"] = accuracy(model, val_x, val_y, cfg.data.eval_batch_size)
-                vx, vy = val_x, val_y
-                if cfg.validate.max_examples is not None:
-                    vx, vy = vx[: cfg.validate.max_examples], vy[: cfg.validate.max_examples]
-                if cfg.validate.attack is not None:
-                    row["val/robust_acc"] = robust_accuracy(
-                        model,
-                        vx,
-                        vy,
-                        cfg.validate.attack,
-                        cfg.validate.protocol or "",
-                        cfg.data.eval_batch_size,
-                        epoch_seed,
-                    )
-                if cfg.validate.certify is not None:
-                    row["val/cert_acc"] = certified_accuracy(
-                        model, vx, vy, cfg.validate.certify, cfg.validate.protocol or "", cfg.data.eval_batch_size
-                    )
-                score = float(epoch) if select == "last" else row[select]
-            else:
-                score = -float(row["train/loss"])  # no validation split: best = lowest training loss
-            rows = [*history, row]
-            improved = score > best_score
-            if improved:
-                best_score = score
-            metrics = {**row, "best_score": best_score}
-            # Order matters for resume: best, then last, then the state that commits the epoch.
-            if improved:
-                save_checkpoint(run_dir / "best", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
-            save_checkpoint(run_dir / "last", model, {**meta, "epoch": epoch + 1, "metrics": metrics})
-            save_state(run_dir, model, optimizer, {"epoch": epoch, "best_score": best_score, "history": rows})
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and isinstance(value, int | float):
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-            if cfg.progress:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train/", "val/")))
-                print(f"epoch {epoch + 1}: {shown}", flush=True)
-            return row, best_score
+def _step(run: _Run, batch: Batch, info: StepInfo, lr: float) -> Output:
+    """The method's loss on one augmented batch at learning rate ``lr``."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x = batch.x
+    if run.data.augment is not None:
+        x = run.data.augment(x)
+    if run.cfg.channels_last and run.dist.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with run.autocast:
+        return run.method(run.student, run.teacher, Batch(x, batch.y, batch.index), info)
 
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                epoch_seed = derive_seed(cfg.seed, epoch)
-                # Ranks draw different augmentations and attack starts; the shuffle generator below is shared.
-                seed_everything(derive_seed(cfg.seed, epoch, dist.rank) if dist.enabled else epoch_seed)
-                generator = torch.Generator().manual_seed(epoch_seed)
-                student.train()
-                sums: dict[str, torch.Tensor] = {}
-                correct = torch.zeros((), device=device)
-                seen = 0
-                started = time.perf_counter()
-                progress.epoch(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
-                split = type(train_split)(train_x, train_y)
-                batches = iterate_batches(
-                    split,
-                    batch_size,
-                    shuffle=True,
-                    generator=generator,
-                    device=device,
-                    rank=dist.rank,
-                    world_size=dist.world_size,
-                )
-                for i, (x, y, idx) in enumerate(batches):
-                    step = epoch * steps_per_epoch + i
-                    lr = learning_rate(cfg.optim, step, steps_per_epoch, cfg.epochs)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if augment is not None:
-                        x = augment(x)
-                    if cfg.channels_last and device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast:
-                        out = method(
-                            student,
-                            teacher,
-                            Batch(x, y, idx),
-                            StepInfo(epoch, step, cfg.epochs, steps_per_epoch),
-                        )
-                    loss = out.loss
-                    # All ranks must skip (or stop) together, or the others would wait in the gradient all-reduce.
-                    if not dist.all_true(bool(torch.isfinite(loss.detach()).item())):
-                        if cfg.nonfinite == "skip":
-                            warnings.warn(
-                                f"non-finite loss at epoch {epoch + 1}, step {step}: step skipped",
-                                stacklevel=2,
-                            )
-                            optimizer.zero_grad(set_to_none=True)
-                            progress.update(1)
-                            continue
-                        kept = (
-                            f"The last good checkpoint (epoch {epoch}) is kept in {run_dir}; lower the rate and "
-                            "rerun with --resume true"
-                            if epoch > start_epoch or (run_dir / STATE_FILE).exists()
-                            else "No epoch had completed, so no checkpoint was written; lower the rate and rerun"
-                        )
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}, method "
-                            f"{cfg.method.name!r}: usually a learning rate too high (optim.lr={lr:.4g}) or a loss "
-                            f"weight too large. {kept}, or set --nonfinite skip"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.optim.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    n = len(y)
-                    seen += n
-                    sums["loss"] = sums.get("loss", 0) + loss.detach().float() * n
-                    for key, value in out.logs.items():
-                        value = (
-                            value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                        )
-                        sums[key] = sums.get(key, 0) + value.to(device) * n
-                    if out.logits is not None:
-                        correct += (out.logits.detach().argmax(1) == y).sum()
-                    if (i + 1) % cfg.log_every == 0:
-                        progress.update(cfg.log_every, f"loss {float(sums['loss']) / seen:.4f}")
-                progress.update(steps_per_epoch % cfg.log_every if steps_per_epoch % cfg.log_every else 0)
-                if dist.enabled:
-                    # Sums over every rank's examples: the weighted means of a single process at the same batch.
-                    keys = list(sums)
-                    counts = [torch.tensor(seen, device=device), correct, *(sums[k] for k in keys)]
-                    totals = dist.all_sum(torch.stack([c.double() for c in counts]))
-                    seen, correct = int(totals[0].item()), totals[1]
-                    sums = dict(zip(keys, totals[2:]))
 
-                row: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "time_s": round(time.perf_counter() - started, 3),
-                }
-                row.update({f"train/{k}": float(v) / max(1, seen) for k, v in sums.items()})
-                if seen and out.logits is not None:
-                    row["train/acc"] = float(correct) / seen
-                # The others wait here while rank 0 validates and writes; then all hold the same row.
-                row, best_score = dist.on_main(partial(close_epoch, epoch, epoch_seed, row, best_score))
-                history.append(row)
-        finally:
-            progress.close()
-            if writer is not None:
-                writer.close()
+def _finite(run: _Run, loss: torch.Tensor, epoch: int, step: int, lr: float) -> bool:
+    """True when every rank's loss is finite; else the step is skipped (``nonfinite: skip``) or training stops."""
+    # All ranks must skip (or stop) together, or the others would wait in the gradient all-reduce.
+    if run.dist.all_true(bool(torch.isfinite(loss.detach()).item())):
+        return True
+    if run.cfg.nonfinite == "skip":
+        warnings.warn(f"non-finite loss at epoch {epoch + 1}, step {step}: step skipped", stacklevel=4)
+        run.optimizer.zero_grad(set_to_none=True)
+        return False
+    kept = (
+        f"The last good checkpoint (epoch {epoch}) is kept in {run.run_dir}; lower the rate and rerun with "
+        "--resume true"
+        if epoch > run.start_epoch or (run.run_dir / STATE_FILE).exists()
+        else "No epoch had completed, so no checkpoint was written; lower the rate and rerun"
+    )
+    raise TrainingError(
+        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}, method {run.cfg.method.name!r}: "
+        f"usually a learning rate too high (optim.lr={lr:.4g}) or a loss weight too large. {kept}, or set "
+        "--nonfinite skip"
+    )
 
-        def final_test() -> dict[str, Any]:
-            best_model = load_model(run_dir / "best", device=device)
-            test_x = test_split.images.to(device)
-            test_y = test_split.labels.to(device)
-            test = {
-                "acc": accuracy(best_model, test_x, test_y, cfg.data.eval_batch_size),
-                "n": len(test_y),
-                "subset": cfg.data.test_subset is not None,
-            }
-            atomic_write_json(run_dir / "results.json", {"test": test, "best_score": best_score, "history": history})
-            return test
 
-        test = dist.on_main(final_test)
-        return TrainResult(run_dir, run_dir / "best.safetensors", run_dir / "last.safetensors", history, test)
+def _optimise(run: _Run, loss: torch.Tensor) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cfg.optim.grad_clip is not None:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
+    run.optimizer.step()
+
+
+def _close_epoch(run: _Run, epoch: int, row: dict[str, Any], writer: Any) -> tuple[dict[str, Any], float]:
+    """Rank 0's end of an epoch, on the unwrapped model: validate, save, log; returns the row and the best score."""
+    if len(run.data.val):
+        score = _validate(run, epoch, row)
+    else:
+        score = -float(row["train/loss"])  # no validation split: best = lowest training loss
+    improved = score > run.best_score
+    best_score = score if improved else run.best_score
+    _save(run, epoch, row, best_score, improved)
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float):
+                writer.add_scalar(key, value, epoch + 1)
+        writer.flush()
+    if run.cfg.progress:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train/", "val/")))
+        print(f"epoch {epoch + 1}: {shown}", flush=True)
+    return row, best_score
+
+
+def _validate(run: _Run, epoch: int, row: dict[str, Any]) -> float:
+    """Adds the validation metrics to ``row``; returns the score the best checkpoint maximises."""
+    v, model, batch_size = run.cfg.validate, run.model, run.cfg.data.eval_batch_size
+    val = run.data.val
+    row["val/acc"] = accuracy(model, val.images, val.labels, batch_size)
+    x, y = val.images[: v.max_examples], val.labels[: v.max_examples]  # max_examples None: all of them
+    if v.attack is not None:
+        seed = derive_seed(run.cfg.seed, epoch)
+        row["val/robust_acc"] = robust_accuracy(model, x, y, v.attack, v.protocol, batch_size, seed)
+    if v.certify is not None:
+        row["val/cert_acc"] = certified_accuracy(model, x, y, v.certify, v.protocol, batch_size)
+    select = _selection(v)
+    return float(epoch) if select == "last" else row[select]
+
+
+def _save(run: _Run, epoch: int, row: dict[str, Any], best_score: float, improved: bool) -> None:
+    # Order matters for resume: best, then last, then the state that commits the epoch, then the metrics.
+    rows = [*run.history, row]
+    meta = {**run.meta, "epoch": epoch + 1, "metrics": {**row, "best_score": best_score}}
+    if improved:
+        save_checkpoint(run.run_dir / "best", run.model, meta)
+    save_checkpoint(run.run_dir / "last", run.model, meta)
+    save_state(run.run_dir, run.model, run.optimizer, {"epoch": epoch, "best_score": best_score, "history": rows})
+    atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _final_test(run: _Run) -> dict[str, Any]:
+    """Rank 0: the best checkpoint's clean accuracy on the test split, written to results.json."""
+    device = run.dist.device
+    best_model = load_model(run.run_dir / "best", device=device)
+    test = run.data.test.to(device)
+    result = {
+        "acc": accuracy(best_model, test.images, test.labels, run.cfg.data.eval_batch_size),
+        "n": len(test),
+        "subset": run.cfg.data.test_subset is not None,
+    }
+    atomic_write_json(
+        run.run_dir / "results.json", {"test": result, "best_score": run.best_score, "history": run.history}
+    )
+    return result
 
 
 def _tensorboard(run_dir: Path, enabled: bool, start_epoch: int) -> Any:

@@ -12,6 +12,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from robustkd.checkpoint import load_state_strict
 from robustkd.errors import CheckpointError
 from robustkd.io import atomic_write_bytes
 
@@ -52,8 +53,6 @@ def load_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable training state ({err}); start without --resume") from err
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    from robustkd.checkpoint import load_state_strict
-
     load_state_strict(model, model_state, str(path))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
