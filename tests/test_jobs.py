@@ -132,7 +132,7 @@ def test_a_checkpoint_that_names_no_dataset_needs_one(tmp_path):
 # ------------------------------------------------------------------------------------- compatibility
 @pytest.mark.parametrize(
     ("num_classes", "input_size", "message"),
-    [(7, 16, "classes 7 vs 4"), (4, 20, r"input shape \[1, 20, 20\] vs \[1, 16, 16\]")],
+    [(7, 16, r"classes \(7 vs 4\)"), (4, 20, r"input shape \(\[1, 20, 20\] vs \[1, 16, 16\]\)")],
 )
 def test_an_incompatible_teacher_is_refused_by_every_job(ckpts, num_classes, input_size, message):
     root, asked = ckpts

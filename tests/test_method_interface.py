@@ -88,7 +88,7 @@ def test_every_shipped_config_loads_and_builds_its_method(path: str) -> None:
     protocol = cfg.validate.protocol
     if getattr(method, "threat", None) is not None and protocol:
         # Training at less than the validation radius would leave the protocol's ball untrained.
-        assert method.threat.eps >= ThreatModel.preset(protocol).eps - 1e-12
+        assert method.threat.eps >= ThreatModel.parse(protocol).eps - 1e-12
 
 
 def test_shipped_configs_are_found() -> None:
