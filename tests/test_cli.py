@@ -308,3 +308,19 @@ def test_commands_come_from_the_table(capsys):
     assert all(f"  {name} " in out for name in COMMANDS.names())
     assert main(["evalute"]) == 2
     assert "did you mean 'evaluate'" in capsys.readouterr().err
+
+
+def test_a_dotted_method_override_changes_one_field_of_the_files_mapping(tmp_path):
+    from robustkd.cli import COMMANDS, parse
+    from robustkd.cli.train import _method_args
+    from robustkd.methods import build_method
+
+    path = tmp_path / "run.yaml"
+    path.write_text("method:\n  name: pgd_at\n  args:\n    threat: {eps: 0.1, step_size: 0.01, steps: 10}\n")
+    command = COMMANDS.get("train")
+    argv = ["--config", str(path), "--method.args.threat.eps", "0.05", "--method.args.attack_mode", "train"]
+    args = parse(command.build("robustkd train"), argv, command.renamed).as_dict()
+    merged = _method_args([str(path)], args["method"]["args"])
+    assert merged == {"threat": {"eps": 0.05, "step_size": 0.01, "steps": 10}, "attack_mode": "train"}
+    method = build_method("pgd_at", merged)
+    assert (method.threat.eps, method.threat.step_size, method.threat.steps) == (0.05, 0.01, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from robustkd.cli.parsing import command_parser
@@ -66,8 +67,10 @@ def _run(args: Any, require_teacher: bool) -> int:
     from robustkd.engine import train
 
     raw = args.as_dict() if hasattr(args, "as_dict") else dict(args)
-    raw.pop("config", None)
+    files = [str(path) for path in raw.pop("config", None) or []]
     raw.pop("__path__", None)
+    if isinstance(raw.get("method"), dict) and isinstance(raw["method"].get("args"), dict):
+        raw["method"]["args"] = _method_args(files, raw["method"]["args"])
     cfg = from_dict(raw)
     if require_teacher and cfg.teacher is None:
         raise RobustKDError("distill needs --teacher PATH (a robustkd checkpoint, or a .pt with --teacher_arch)")
@@ -79,6 +82,44 @@ def _run(args: Any, require_teacher: bool) -> int:
     if cfg.tensorboard:
         print(f"logs: tensorboard --logdir {result.run_dir / 'tb'}")
     return 0
+
+
+def _method_args(files: list[str], args: dict[str, Any]) -> dict[str, Any]:
+    """``method.args`` with ``--method.args.threat.eps 0.05`` changing one field of the file's mapping.
+
+    The parser replaces a nested mapping by the command line's keys alone (the file's ``step_size`` and
+    ``steps`` would fall back to the method's defaults) and hands their values over as text; here the files'
+    mappings fill the keys the command line left out, and text values are read as YAML scalars."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for path in files:  # read and checked by the parser already
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        file_args = (data.get("method") or {}).get("args") if isinstance(data.get("method"), dict) else None
+        merged = _deep_merge(merged, file_args if isinstance(file_args, dict) else {})
+    return _deep_merge(merged, _scalars(args))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
+
+
+def _scalars(value: Any) -> Any:
+    import yaml
+
+    if isinstance(value, dict):
+        return {key: _scalars(item) for key, item in value.items()}
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
+    return value
 
 
 def run_train(args: Any) -> int:

@@ -85,8 +85,11 @@ def register_method(name: str):
     return decorator
 
 
-class DeprecatedOptionWarning(DeprecationWarning):
-    """A method option spelled the old way; the message gives the new spelling."""
+class DeprecatedOptionWarning(FutureWarning):
+    """A method option spelled the old way; the message gives the new spelling.
+
+    A FutureWarning, not a DeprecationWarning: Python shows it by default, and the user who wrote the config
+    must see it."""
 
 
 def fold_flat_threat(name: str, cls: type[Method], args: dict[str, Any]) -> dict[str, Any]:
