@@ -224,7 +224,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
     if arch is None:
-        raise CheckpointError(f"{path} is a bare state dict: name its architecture (arch=..., --teacher-arch)")
+        raise CheckpointError(f"{path} is a bare state dict: name its architecture (arch=..., --teacher_arch)")
     if not path.is_file():
         raise CheckpointError(f"no file at {path}")
     try:

@@ -79,15 +79,15 @@ def main() -> None:
 
     def evaluate(name: str) -> tuple[list[str], float]:
         cmd = [*exe, "evaluate", "--model", str(out / name / "best"), "--protocol", "linf-0.1"]
-        cmd += ["--attacks", args.attacks, "--device", args.device, "--no-progress"]
+        cmd += ["--attacks", args.attacks, "--device", args.device, "--progress", "false"]
         if args.n_test:
-            cmd += ["--n-examples", str(args.n_test)]
+            cmd += ["--n_examples", str(args.n_test)]
         cmd += ["--out", str(out / f"{name}_eval.json")]
         took = _run(cmd, out / f"{name}_eval.log")
         if args.autoattack_n:
             aa = [*exe, "evaluate", "--model", str(out / name / "best"), "--protocol", "linf-0.1"]
-            aa += ["--attacks", "clean,autoattack", "--n-examples", str(args.autoattack_n), "--device", args.device]
-            aa += ["--no-progress", "--out", str(out / f"{name}_aa.json")]
+            aa += ["--attacks", "clean,autoattack", "--n_examples", str(args.autoattack_n), "--device", args.device]
+            aa += ["--progress", "false", "--out", str(out / f"{name}_aa.json")]
             took += _run(aa, out / f"{name}_aa.log")
         return cmd, took
 

@@ -11,7 +11,7 @@ from robustkd.attacks import ATTACKS, PRESETS
 from robustkd.certify import VERIFIERS
 from robustkd.checkpoint import save_checkpoint
 from robustkd.cli import COMMANDS, main
-from robustkd.cli.parsing import options, respell
+from robustkd.cli.parsing import SHARED_RENAMED, options, respell
 from robustkd.methods import METHODS
 from robustkd.models import create_model
 
@@ -105,7 +105,7 @@ def test_evaluate_a_checkpoint_on_a_subset(tmp_path, capsys):
     _save(tmp_path / "best")
     out = tmp_path / "eval.json"
     argv = ["evaluate", "--model", str(tmp_path / "best"), "--n_examples", "16", "--attacks", "clean,pgd5"]
-    assert main([*argv, "--out", str(out), "--no_progress"]) == 0
+    assert main([*argv, "--out", str(out), "--progress", "false"]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["subset"] is True and result["settings"]["n"] == 16
     assert result["attacks"]["pgd5"]["accuracy"] <= result["attacks"]["clean"]["accuracy"]
@@ -119,14 +119,15 @@ def test_certify_pair_and_single_model(tmp_path, capsys):
     _save(tmp_path / "s" / "best", model=model)
     out = tmp_path / "cert.json"
     argv = ["certify", "--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "t"), "--eps", "0"]
-    assert main([*argv, "--n_examples", "20", "--out", str(out), "--no_progress"]) == 0
+    assert main([*argv, "--n_examples", "20", "--out", str(out), "--progress", "false"]) == 0
     result = json.loads(out.read_text())
     # The same network at eps 0: every teacher-correct point is certified to agree, with a zero gap.
     assert result["teacher_correct"]["agreement_certified"] in (None, 1.0)
     assert result["subset"] is True and result["n"] == 20
     assert "certified agreement" in capsys.readouterr().out
     assert (
-        main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--n_examples", "8", "--no_progress"]) == 0
+        main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--n_examples", "8", "--progress", "false"])
+        == 0
     )
     assert (tmp_path / "s" / "cert_best_ibp_0.1.json").is_file()
     assert main(["certify", "--student", str(tmp_path / "s"), "--eps", "0.1", "--method", "crown_ibp"]) == 2
@@ -139,7 +140,7 @@ def test_certify_pair_and_single_model(tmp_path, capsys):
 def test_evaluate_from_a_config_file(tmp_path, capsys):
     out = tmp_path / "eval.json"
     cfg = _config(tmp_path / "evaluate.yaml", model=_save(tmp_path / "best"), protocol="linf-0.1",
-                  attacks=["clean", "pgd2"], n_examples=8, out=out, no_progress=True)  # fmt: skip
+                  attacks=["clean", "pgd2"], n_examples=8, out=out, progress=False)  # fmt: skip
     assert main(["evaluate", "--config", cfg]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["n"] == 8 and set(result["attacks"]) == {"clean", "pgd2"}
@@ -156,7 +157,7 @@ def test_certify_from_a_config_file(tmp_path, pair):
     teacher, student = pair
     out = tmp_path / "cert.json"
     cfg = _config(tmp_path / "certify.yaml", student=student, teacher=teacher, eps=0, method="ibp",
-                  n_examples=10, out=out, no_progress=True)  # fmt: skip
+                  n_examples=10, out=out, progress=False)  # fmt: skip
     assert main(["certify", "--config", cfg]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 10 and result["teacher_correct"]["agreement_certified"] in (None, 1.0)
@@ -169,7 +170,7 @@ def test_report_from_a_config_file(tmp_path, pair):
     out = tmp_path / "report"
     cfg = _config(tmp_path / "report.yaml", runs=[str(student)], out=out, eps=0.1, eps_sweep=[0.05],
                   attacks=["clean", "pgd2"], n_examples=8, faith_steps=1, faith_restarts=1, certify_method="ibp",
-                  batch_size=8, max_gap=0.5, device="cpu", no_progress=True)  # fmt: skip
+                  batch_size=8, max_gap=0.5, device="cpu", progress=False)  # fmt: skip
     assert main(["report", "--config", cfg]) == 0
     saved = json.loads((out / "report.json").read_text())
     assert saved["settings"]["n_examples"] == 8 and saved["settings"]["attacks"] == ["clean", "pgd2"]
@@ -224,22 +225,19 @@ def test_help_shows_one_spelling(command, capsys):
 
 # Every option spelled otherwise before the one spelling, by command.
 OLD_SPELLINGS = {
-    "evaluate": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root",
-                 "--no-progress": "--no_progress"},
-    "certify": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root",
-                "--no-progress": "--no_progress"},
+    "evaluate": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root"},
+    "certify": {"--n-examples": "--n_examples", "--batch-size": "--batch_size", "--data-root": "--data.root"},
     "report": {"--eps-sweep": "--eps_sweep", "--n-examples": "--n_examples", "--certify-method": "--certify_method",
                "--faith-steps": "--faith_steps", "--faith-restarts": "--faith_restarts", "--batch-size": "--batch_size",
                "--max-clean-drop": "--max_clean_drop", "--max-robust-drop": "--max_robust_drop",
                "--max-disagreement": "--max_disagreement", "--max-gap": "--max_gap",
                "--min-certified-agreement": "--min_certified_agreement",
                "--max-certified-gap": "--max_certified_gap", "--data-root": "--data.root",
-               "--fail-unsafe": "--fail_unsafe", "--no-progress": "--no_progress"},
+               "--fail-unsafe": "--fail_unsafe"},
     "export": {"--test-subset": "--n_examples", "--batch-size": "--batch_size",
                "--logit-tolerance": "--logit_tolerance", "--calibration-tolerance": "--calibration_tolerance",
-               "--data-root": "--data.root",
-               "--no-progress": "--no_progress"},
-    "quickstart": {"--train-subset": "--train_subset", "--n-eval": "--n_eval", "--no-progress": "--no_progress"},
+               "--data-root": "--data.root"},
+    "quickstart": {"--train-subset": "--train_subset", "--n-eval": "--n_eval"},
     "train": {"--out-dir": "--out_dir", "--teacher-arch": "--teacher_arch", "--data.batch-size": "--data.batch_size"},
 }  # fmt: skip
 
@@ -324,3 +322,17 @@ def test_a_dotted_method_override_changes_one_field_of_the_files_mapping(tmp_pat
     assert merged == {"threat": {"eps": 0.05, "step_size": 0.01, "steps": 10}, "attack_mode": "train"}
     method = build_method("pgd_at", merged)
     assert (method.threat.eps, method.threat.step_size, method.threat.steps) == (0.05, 0.01, 10)
+
+
+@pytest.mark.parametrize("command", COMMANDS.names())
+def test_progress_is_spelled_as_train_spells_it(command, capsys):
+    entry = COMMANDS.get(command)
+    parser = entry.build(f"robustkd {command}")
+    if "--progress" not in options(parser):
+        pytest.skip(f"{command} shows no progress")
+    (action,) = [a for a in parser._actions if "--progress" in a.option_strings]
+    assert action.default is True
+    for old in ("--no_progress", "--no-progress"):
+        argv = respell([old, "--out", "x"], options(parser), {**SHARED_RENAMED, **entry.renamed}, parser.prog)
+        assert argv == ["--progress", "false", "--out", "x"]
+        assert capsys.readouterr().err == f"robustkd {command}: {old} is deprecated; use --progress false\n"

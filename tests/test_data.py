@@ -178,7 +178,7 @@ def test_missing_idx_lists_places_and_fix(tmp_path, monkeypatch):
     message = str(err.value)
     for place in (tmp_path / "empty", tmp_path / "empty" / "fashion-mnist", tmp_path / "env", tmp_path / "no-system"):
         assert f"- {place}\n" in message
-    assert "apt-get install dataset-fashion-mnist" in message and "--data-root" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data.root" in message
     assert "train-images-idx3-ubyte" in message
 
 

@@ -41,7 +41,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
     parser.add_argument("--out", default=None, help="JSON output; null: cert_<ckpt>_<method>_<eps>.json beside it")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
@@ -58,7 +58,7 @@ def run(ns: Any) -> int:
         device=ns.device,
         data_root=ns.data.root,
         out=ns.out,
-        progress=not ns.no_progress,
+        progress=ns.progress,
     )
     scope = "a subset of the test set" if result["subset"] else "the full test set"
     print(f"{result['student_path']}: {result['n']} test points ({scope}), eps {ns.eps}, {ns.method}")

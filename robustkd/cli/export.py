@@ -45,7 +45,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--logit_tolerance", type=float, default=logit_tolerance)
     parser.add_argument("--calibration_tolerance", type=float, default=calibration_tolerance)
     parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
@@ -61,7 +61,7 @@ def run(ns: Any) -> int:
         logit_tolerance=ns.logit_tolerance,
         calibration_tolerance=ns.calibration_tolerance,
         data_root=ns.data.root,
-        progress=not ns.no_progress,
+        progress=ns.progress,
     )
     scope = "a subset of the test set" if result["subset"] else "the full test set"
     print(f"{result['onnx']}: exported with the {result['exporter']} exporter, opset {result['opset']}")

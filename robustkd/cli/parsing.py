@@ -66,7 +66,7 @@ def parse(parser: Any, argv: Iterable[str], renamed: Mapping[str, str] | None = 
     from jsonargparse import ArgumentError
 
     known = options(parser)
-    argv = _config_first(respell(list(argv), known, renamed or {}, parser.prog))
+    argv = _config_first(respell(list(argv), known, {**SHARED_RENAMED, **(renamed or {})}, parser.prog))
     for path in _config_files(argv):
         check_config_file(path)
     try:
@@ -76,6 +76,10 @@ def parse(parser: Any, argv: Iterable[str], renamed: Mapping[str, str] | None = 
 
 
 _parse = parse  # the name the config and fuzz tests import
+
+
+# Old spellings of options every command shares; a value after a space becomes its own token.
+SHARED_RENAMED = {"--no_progress": "--progress false", "--no-progress": "--progress false"}
 
 
 def respell(argv: list[str], known: set[str], renamed: Mapping[str, str], prog: str) -> list[str]:
@@ -88,6 +92,9 @@ def respell(argv: list[str], known: set[str], renamed: Mapping[str, str], prog: 
         new = _new_spelling(flag, known, renamed)
         if new is not None:
             print(f"{prog}: {flag} is deprecated; use {new}", file=sys.stderr)
+            if " " in new:  # a switch that became an option with a value: --no_progress -> --progress false
+                out += new.split()
+                continue
             token = new + eq + value
         out.append(token)
     return out

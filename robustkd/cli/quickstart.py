@@ -34,7 +34,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--train_subset", type=int, default=Plan.train_subset, help="training images")
     parser.add_argument("--n_eval", type=int, default=Plan.n_eval, help="test points evaluated")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
@@ -43,7 +43,7 @@ def run(ns: Any) -> int:
     from robustkd.quickstart import run as run_pipeline
 
     plan = Plan(train_subset=ns.train_subset, n_eval=ns.n_eval)
-    result = run_pipeline(ns.out, methods=names(ns.methods), plan=plan, progress=not ns.no_progress, device=ns.device)
+    result = run_pipeline(ns.out, methods=names(ns.methods), plan=plan, progress=ns.progress, device=ns.device)
     print(table(result["models"]))
     for name, entry in result["summary"].items():
         print(f"{name}: {entry['text']}")

@@ -53,7 +53,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--data.root", default=None, help="where the datasets live; null: the default search paths")
     parser.add_argument("--recompute", action="store_true", help="evaluate again instead of reusing cached results")
     parser.add_argument("--fail_unsafe", action="store_true", help="exit with status 1 when a student is not safe")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
@@ -98,7 +98,7 @@ def run(ns: Any) -> int:
         device=ns.device,
         data_root=ns.data.root,
         recompute=ns.recompute,
-        progress=not ns.no_progress,
+        progress=ns.progress,
     )
     for name, entry in result["summary"].items():
         print(f"{name}: {entry['text']}")

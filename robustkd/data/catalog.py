@@ -199,7 +199,7 @@ def _load_idx_dataset(
                 f"{name} (IDX files)",
                 [f"{stem}[.gz]" for stem in IDX_FILES.values()],
                 bases,
-                f"{_INSTALL_HINTS.get(name, '')}pass --data-root (or set $ROBUSTKD_DATA) to a folder "
+                f"{_INSTALL_HINTS.get(name, '')}pass --data.root (or set $ROBUSTKD_DATA) to a folder "
                 "holding the four files, or allow downloads (download=True).",
             )
         )
@@ -268,7 +268,7 @@ def _load_cifar10(
                 "CIFAR-10",
                 [cifar.ARCHIVE_NAME, f"{cifar.FOLDER_NAME}/", CIFAR_JPEG_ZIP],
                 bases,
-                "pass --data-root (or set $ROBUSTKD_DATA) to a folder holding cifar-10-binary.tar.gz from "
+                "pass --data.root (or set $ROBUSTKD_DATA) to a folder holding cifar-10-binary.tar.gz from "
                 "https://www.cs.toronto.edu/~kriz/cifar.html, or allow downloads (download=True).",
             )
         )

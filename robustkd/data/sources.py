@@ -150,7 +150,7 @@ def check_root(root: str | os.PathLike | None, *, create: bool = False) -> Path 
         if create:
             path.mkdir(parents=True, exist_ok=True)
         else:
-            raise DataError(f"data root {path} does not exist; check --data-root (or the data root argument)")
+            raise DataError(f"data root {path} does not exist; check --data.root (or the data root argument)")
     return path
 
 
@@ -164,7 +164,7 @@ def fetch(resource: Resource, dest_dir: str | os.PathLike, *, timeout: float = 6
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cannot create the download folder {dest} ({err}); pass a writable --data-root") from err
+        raise DataError(f"cannot create the download folder {dest} ({err}); pass a writable --data.root") from err
     target = dest / resource.filename
     failures: list[str] = []
     for url in resource.urls:
@@ -193,7 +193,7 @@ def fetch(resource: Resource, dest_dir: str | os.PathLike, *, timeout: float = 6
     raise DataError(
         f"could not download {resource.filename} into {dest}; nothing was saved:\n  "
         + "\n  ".join(failures)
-        + "\nCopy the file there by hand, or point --data-root at a folder that holds it."
+        + "\nCopy the file there by hand, or point --data.root at a folder that holds it."
     )
 
 
