@@ -256,18 +256,9 @@ def protocol_value(threat: ThreatModel) -> str | dict[str, Any]:
     A protocol given as a preset or ``linf-<eps>`` name keeps that name in ``config.yaml`` and the checkpoint
     sidecars; one given as a mapping (or changed from its preset) is saved as a mapping of its fields.
     """
-    names = [
-        *PRESETS.names(),
-        f"{threat.norm}-{threat.eps:g}",
-        f"{threat.norm}-{round(threat.eps * 255)}/255",
-        f"{threat.norm}-{threat.eps!r}",
-    ]
-    for name in names:
-        try:
-            if ThreatModel.preset(name) == threat:
-                return name
-        except RobustKDError:
-            continue  # not a name this parser reads (e.g. an eps printed with an exponent)
+    for name in (*PRESETS.names(), threat.name):  # threat.name always parses back to its norm and eps
+        if ThreatModel.preset(name) == threat:
+            return name
     return {f.name: getattr(threat, f.name) for f in dataclasses.fields(threat)}
 
 

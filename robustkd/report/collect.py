@@ -165,8 +165,7 @@ def threat_at(eps: float) -> tuple[str, ThreatModel]:
         threat = PRESETS.get(name)
         if threat.norm == "linf" and threat.eps == eps:
             return name, threat
-    # Positional and shortest round-trip: parses back to exactly this float.
-    name = "linf-" + np.format_float_positional(eps, trim="-")
+    name = ThreatModel("linf", eps).name  # parses back to exactly this eps
     return name, ThreatModel.parse(name, field="eps")
 
 
