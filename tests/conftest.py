@@ -145,3 +145,22 @@ SHIPPED_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "config
 def configs_of(*methods: str) -> list[str]:
     """The shipped configs (paths relative to the repository) that train one of ``methods``."""
     return [path for path in SHIPPED_CONFIGS if yaml.safe_load((REPO / path).read_text())["method"]["name"] in methods]
+
+
+# --- checkpoints: an untrained Fashion-MNIST network and the sidecar robustkd writes for it
+FMNIST_MEAN, FMNIST_STD = [0.286], [0.353]
+
+
+def fmnist_model(arch: str = "dm_small", num_classes: int = 10, **args) -> nn.Module:
+    """An untrained network for 28x28 greyscale images, its normalisation inside."""
+    from robustkd.models import create_model
+
+    return create_model(
+        arch, num_classes=num_classes, in_channels=1, input_size=28, mean=FMNIST_MEAN, std=FMNIST_STD, **args
+    )
+
+
+def fmnist_meta(arch: str = "dm_small", arch_args: dict | None = None, **extra) -> dict:
+    """The checkpoint sidecar of such a network (``extra`` adds or replaces keys: method, config, mean, ...)."""
+    meta = {"arch": arch, "arch_args": dict(arch_args or {}), "num_classes": 10, "input_shape": [1, 28, 28]}
+    return {**meta, "mean": FMNIST_MEAN, "std": FMNIST_STD, "dataset": "fashion-mnist", **extra}

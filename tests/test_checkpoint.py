@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import fmnist_meta, fmnist_model
 
 from robustkd.checkpoint import load_model, read_meta, save_checkpoint
 from robustkd.errors import CheckpointError, ConfigError
@@ -10,20 +11,11 @@ from robustkd.models import create_model
 
 
 def _meta(arch="dm_small", **extra):
-    return {
-        "arch": arch,
-        "arch_args": {},
-        "num_classes": 10,
-        "input_shape": [1, 28, 28],
-        "mean": [0.286],
-        "std": [0.353],
-        "dataset": "fashion-mnist",
-        **extra,
-    }
+    return fmnist_meta(arch, **extra)
 
 
 def _model(arch="dm_small"):
-    return create_model(arch, num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
+    return fmnist_model(arch)
 
 
 @pytest.mark.parametrize("arch", ["dm_small", "small_cnn", "resnet18"])

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import yaml
+from conftest import fmnist_meta, fmnist_model
 
 from robustkd.attacks import ATTACKS, PRESETS
 from robustkd.certify import VERIFIERS
@@ -13,21 +14,12 @@ from robustkd.checkpoint import save_checkpoint
 from robustkd.cli import COMMANDS, main
 from robustkd.cli.parsing import SHARED_RENAMED, options, respell
 from robustkd.methods import METHODS
-from robustkd.models import create_model
 
-META = {
-    "arch": "dm_small",
-    "arch_args": {},
-    "num_classes": 10,
-    "input_shape": [1, 28, 28],
-    "mean": [0.286],
-    "std": [0.353],
-    "dataset": "fashion-mnist",
-}
+META = fmnist_meta()
 
 
 def _model():
-    return create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
+    return fmnist_model()
 
 
 def _save(path, config=None, model=None):

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import fmnist_meta, fmnist_model
 
 pytest.importorskip("onnxruntime", reason="export needs onnx and onnxruntime (requirements/dev.txt)")
 
@@ -19,23 +20,13 @@ from robustkd.errors import CheckpointError, ConfigError
 from robustkd.evaluate import evaluate_faithfulness
 from robustkd.export import calibration_metrics
 from robustkd.jobs import export_onnx, load_test_points
-from robustkd.models import create_model
 
-META = {
-    "arch": "small_cnn",
-    "arch_args": {"width": 2, "hidden": 8},
-    "num_classes": 10,
-    "input_shape": [1, 28, 28],
-    "mean": [0.286],
-    "std": [0.353],
-    "dataset": "fashion-mnist",
-}
+META = fmnist_meta("small_cnn", {"width": 2, "hidden": 8})
 N = 40
 
 
 def _tiny(num_classes: int = 10) -> torch.nn.Module:
-    return create_model("small_cnn", num_classes=num_classes, in_channels=1, input_size=28, mean=[0.286],
-                        std=[0.353], width=2, hidden=8)  # fmt: skip
+    return fmnist_model("small_cnn", num_classes, width=2, hidden=8)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fmnist_meta, fmnist_model
 from torch import nn
 
 from robustkd.attacks import ProbabilityOutputWarning, make_objective
@@ -366,21 +367,10 @@ def test_validation_errors_name_the_field(pair, change, field):
 
 def test_checkpoints_are_evaluated_on_the_student_test_split(tmp_path, monkeypatch):
     from robustkd.checkpoint import save_checkpoint
-    from robustkd.models import create_model
 
-    meta = {
-        "arch": "dm_small",
-        "arch_args": {},
-        "num_classes": 10,
-        "input_shape": [1, 28, 28],
-        "mean": [0.286],
-        "std": [0.353],
-        "dataset": "fashion-mnist",
-    }
     torch.manual_seed(0)
     for name in ("teacher", "student"):
-        model = create_model("dm_small", num_classes=10, in_channels=1, input_size=28, mean=[0.286], std=[0.353])
-        save_checkpoint(tmp_path / name / "best", model, {**meta, "method": name})
+        save_checkpoint(tmp_path / name / "best", fmnist_model(), fmnist_meta(method=name))
     asked = {}
 
     def fake_points(meta, n_examples, data_root=None):
@@ -425,7 +415,7 @@ def test_checkpoints_are_evaluated_on_the_student_test_split(tmp_path, monkeypat
     )
     assert other.is_file()
     # A teacher and a student trained on different datasets need an explicit choice of test split.
-    save_checkpoint(tmp_path / "cifar_teacher" / "best", model, {**meta, "dataset": "cifar10"})
+    save_checkpoint(tmp_path / "cifar_teacher" / "best", fmnist_model(), fmnist_meta(dataset="cifar10"))
     with pytest.raises(ConfigError, match="^dataset:"):
         evaluate_faithfulness_checkpoints(
             tmp_path / "cifar_teacher", tmp_path / "student", device="cpu", progress=False

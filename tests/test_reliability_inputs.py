@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fmnist_meta
 from PIL import Image
 
 from robustkd.checkpoint import load_model, save_checkpoint
@@ -25,16 +26,7 @@ SHAPE = {"num_classes": 10, "in_channels": 1, "input_size": 28}
 
 
 def _meta(**over):
-    meta = {
-        "arch": "dm_small",
-        "arch_args": {},
-        "num_classes": 10,
-        "input_shape": [1, 28, 28],
-        "mean": [0.5],
-        "std": [0.25],
-        "dataset": "fashion-mnist",
-    }
-    return {**meta, **over}
+    return fmnist_meta(**{"mean": [0.5], "std": [0.25], **over})
 
 
 def _model(**over):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fmnist_meta
 
 import robustkd
 from robustkd.checkpoint import load_model, save_checkpoint
@@ -19,15 +20,7 @@ from robustkd.errors import CheckpointError, ConfigError
 from robustkd.models import create_model
 from robustkd.report import ReportSettings, Thresholds, verdict
 
-META = {
-    "arch": "small_cnn",
-    "arch_args": {"width": 2, "hidden": 8},
-    "num_classes": 10,
-    "input_shape": [1, 28, 28],
-    "mean": [0.286],
-    "std": [0.353],
-    "dataset": "fashion-mnist",
-}
+META = fmnist_meta("small_cnn", {"width": 2, "hidden": 8})
 # Light settings: the first 24 test points, short attacks and searches, IBP.
 OPTIONS = {
     "eps": 0.1,
