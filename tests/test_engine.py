@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,7 +204,12 @@ def _balled(monkeypatch, threat):
 @pytest.mark.parametrize(
     ("trained", "protocol", "shown"),
     [
-        (ThreatModel("linf", 0.2), "linf-0.1", r"linf eps=0.2 but validate.protocol is 'linf-0.1' \(linf eps=0.1\)"),
+        (ThreatModel("linf", 0.05), "linf-0.1", r"linf eps=0.05 but validate.protocol is 'linf-0.1' \(linf eps=0.1\)"),
+        (
+            ThreatModel("linf", 0.1),
+            "linf-8/255",
+            r"linf eps=0.1 but validate.protocol is 'linf-8/255' \(linf eps=0.03137",
+        ),
         (ThreatModel("l2", 0.1), "linf-0.1", r"l2 eps=0.1 but validate.protocol is 'linf-0.1' \(linf eps=0.1\)"),
     ],
 )
@@ -228,6 +234,9 @@ def test_training_and_validation_balls_that_agree_do_not_warn(tmp_path, toy, mon
         warnings.simplefilter("error", ThreatMismatchWarning)
         robustkd.train(_cfg(tmp_path, name="a", epochs=1, method=method, validate={"protocol": "linf-0.1"}))
         robustkd.train(_cfg(tmp_path, name="b", epochs=1, method=method))  # no protocol: nothing to compare
+        # Certified training's larger training ball (up to twice the protocol's eps) is a choice, not a slip.
+        wider = _balled(monkeypatch, ThreatModel("linf", 0.2))
+        robustkd.train(_cfg(tmp_path, name="c", epochs=1, method=wider, validate={"protocol": "linf-0.1"}))
 
 
 def test_validation_protocol_is_saved_as_written_and_reads_back(tmp_path, toy):
@@ -391,3 +400,18 @@ def test_certified_validation_options_are_checked(tmp_path, validate, field):
 
     with pytest.raises(ConfigError, match=field):
         check(_cfg(tmp_path, validate=validate))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")))
+def test_no_shipped_config_warns_of_a_threat_mismatch(path):
+    import warnings
+
+    from robustkd.config import load_config
+    from robustkd.engine import ThreatMismatchWarning
+    from robustkd.engine.loop import _warn_threat_mismatch
+    from robustkd.methods import build_method
+
+    cfg = load_config(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ThreatMismatchWarning)
+        _warn_threat_mismatch(cfg, build_method(cfg.method.name, cfg.method.args))
