@@ -188,7 +188,7 @@ def test_threat_is_a_threat_model_from_a_name_or_a_mapping_on_the_method_default
 def test_old_flat_keys_fold_into_threat_with_a_deprecation_warning(name: str, flat: dict, threat: dict) -> None:
     with pytest.warns(DeprecatedOptionWarning, match=r"method\.args\.threat: \{") as record:
         method = build_method(name, {**flat})
-    assert issubclass(record[0].category, DeprecationWarning)
+    assert issubclass(record[0].category, FutureWarning)  # shown by default, unlike DeprecationWarning
     assert method.threat == build_method(name, {"threat": threat}).threat
 
 
