@@ -9,12 +9,14 @@ from typing import Any
 
 import robustkd.report.collect as collect
 import robustkd.report.plots as plots
+import robustkd.report.ranking as ranking
 import robustkd.report.render as render
 from robustkd.checkpoint import load_model
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from robustkd.report.collect import Context, Model
 from robustkd.report.settings import ReportSettings, Thresholds, split_options
+from robustkd.report.vacuity import vacuous_points, vacuous_quantiles
 from robustkd.report.verdict import verdict
 from robustkd.runtime import resolve_device
 
@@ -76,6 +78,9 @@ def make_report(
             s.name: {"safe": rows[s.name]["verdict"]["safe"], "text": rows[s.name]["verdict"]["text"]} for s in students
         },
     }
+    result["ranking_rule"] = ranking.RULE
+    result["ranking"] = ranking.rank_students(ordered)
+    result["nearest_miss"] = ranking.nearest_miss(result["ranking"])
     figures = plots.all_figures(ordered, extras, settings, thresholds)
     _write(out, result, figures)
     result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
@@ -229,7 +234,20 @@ def _certified_columns(student: Model, settings: ReportSettings, ctx: Context, e
         if eps == settings.eps:
             out["certified_agreement"] = block["agreement_certified"]
             out["certified_gap"] = {key: block["gap_upper"][key] for key in CERT_GAP_KEYS}
-            per = data["per_example"]
-            extra["certified_gap"] = [g for g, keep in zip(per["gap_upper"], per["teacher_correct"]) if keep]
+            out.update(_vacuity(data["per_example"], extra))
     extra["certified_agreement"] = curve
     return out
+
+
+def _vacuity(per: dict[str, list[Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """Which certified gap bounds of the teacher-correct points say nothing (see ``report.vacuity``)."""
+    keep = per["teacher_correct"]
+    bounds = [g for g, k in zip(per["gap_upper"], keep) if k]
+    lower = [low for low, k in zip(per["student_conf_lower"], keep) if k]
+    vacuous = vacuous_points(lower, bounds)
+    extra["certified_gap"] = [g for g, v in zip(bounds, vacuous) if not v]
+    extra["certified_gap_vacuous"] = sum(vacuous)
+    return {
+        "certified_gap_vacuous": vacuous_quantiles(vacuous),
+        "certified_gap_vacuous_share": sum(vacuous) / len(vacuous) if vacuous else None,
+    }

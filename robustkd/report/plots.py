@@ -49,6 +49,21 @@ def robust_accuracy(rows: list[dict[str, Any]], settings: ReportSettings) -> byt
     return _png(fig)
 
 
+def gap_range(values: list[float], marker: float | None) -> tuple[float, float]:
+    """The x range of a gap histogram: the data (and the max_gap line) with a margin of 5 % of the span.
+
+    A fixed -1..1 would squash gaps that all lie within a few hundredths; a span under 0.02 is widened to 0.02
+    so a single repeated value still gets a readable axis.
+    """
+    points = [*values, *([] if marker is None else [marker])] or [0.0]
+    low, high = min(points), max(points)
+    if high - low < 0.02:
+        middle = (low + high) / 2
+        low, high = middle - 0.01, middle + 0.01
+    margin = 0.05 * (high - low)
+    return low - margin, high + margin
+
+
 def gap_histograms(
     students: list[dict[str, Any]], extras: dict[str, dict[str, Any]], settings: ReportSettings, thresholds: Thresholds
 ) -> bytes:
@@ -59,11 +74,15 @@ def gap_histograms(
     for i, row in enumerate(students):
         ax = axes[i // cols][i % cols]
         extra = extras[row["name"]]
-        bins = [b / 40 for b in range(-40, 41)]
+        low, high = gap_range([*extra.get("gap", []), *extra.get("certified_gap", [])], thresholds.max_gap)
+        bins = [low + (high - low) * b / 40 for b in range(41)]
         if extra.get("gap"):
             ax.hist(extra["gap"], bins=bins, alpha=0.6, label="empirical (attack)")
-        if extra.get("certified_gap"):
-            ax.hist(extra["certified_gap"], bins=bins, histtype="step", linewidth=1.5, label="certified bound")
+        vacuous = extra.get("certified_gap_vacuous", 0)
+        label = "certified bound" + (f" ({vacuous} vacuous not shown)" if vacuous else "")
+        if extra.get("certified_gap") or vacuous:
+            ax.hist(extra.get("certified_gap", []), bins=bins, histtype="step", linewidth=1.5, label=label)
+        ax.set_xlim(low, high)
         if thresholds.max_gap is not None:
             ax.axvline(thresholds.max_gap, color="red", linewidth=1, linestyle=":", label="max_gap")
         ax.set_title(row["name"], fontsize="medium")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import json
 from html import escape
 from typing import Any
+
+from robustkd.report.verdict import CHECKS
 
 CAPTIONS = {
     "robust_accuracy": "Accuracy under the strongest of the attacks (worst case per point) against eps; eps 0 is "
@@ -19,15 +20,39 @@ CAPTIONS = {
 }
 
 STYLE = """
-body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
-th, td { border: 1px solid #bbb; padding: 0.3em 0.5em; text-align: right; }
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; max-width: 100%; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.5em; text-align: right; vertical-align: top; }
 th { background: #eee; } td.text { text-align: left; }
 tr.teacher { background: #f4f4f4; font-weight: bold; }
-.safe { color: #17692c; } .unsafe { color: #a01818; }
+td.safe, td.unsafe { white-space: nowrap; }
+.safe { color: #17692c; } .unsafe { color: #a01818; } .vacuous { color: #777; font-style: italic; }
 figure { margin: 1.5em 0; } figcaption { font-size: 0.9em; color: #555; max-width: 900px; }
-img { max-width: 100%; } pre, code { font-size: 0.85em; } pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
+img { max-width: 100%; } pre, code { font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
+
+# The words a cell holds instead of a number: a certificate that says nothing, a check switched off.
+VACUOUS = "vacuous"
+OFF = "off"
+
+SETTING_MEANINGS = {
+    "eps": "stated Linf radius of the tables and the verdicts",
+    "protocol": "robustkd evaluate protocol at eps",
+    "threat": "its attack budget",
+    "eps_sweep": "radii of the plots",
+    "attacks": "robustkd evaluate recipes at every radius",
+    "n_examples": "test points evaluated (the first N)",
+    "seed": "seed of every attack's random starts",
+    "certify_method": "verifier of robustkd certify",
+    "faithfulness_steps": "steps of each disagreement and gap search",
+    "faithfulness_restarts": "restarts of each search",
+    "rho": "gap thresholds recorded by both faithfulness evaluations",
+    "batch_size": "batch size of every evaluation and of the latency",
+    "checkpoint": "which checkpoint of a run dir is the student",
+    "device": "where the evaluations ran",
+    "data_root": "where the data was read",
+}
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -44,17 +69,22 @@ def _attacks(result: dict[str, Any]) -> list[str]:
     return [a for a in result["settings"]["attacks"] if a != "clean"]
 
 
-def table(result: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """Header and (role, cells) per model: every student beside its teacher, deltas against the teacher."""
+def _teachers(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in result["models"] if row["role"] == "teacher"}
+
+
+def who(row: dict[str, Any]) -> str:
+    """``kd (teacher: teacher_pgd)``: a student and the teacher it is compared with."""
+    return f"{row['name']} (teacher: {row['teacher']})"
+
+
+def accuracy_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every model, each student below its teacher: size, speed and accuracy, students' deltas in brackets."""
     settings = result["settings"]
     attacks = _attacks(result)
-    header = [
-        "model", "role", "arch", "method", "params", f"latency (ms / {settings['batch_size']})", "clean",
-        *attacks, "robust (worst)", "disagreement", "gap q50", "gap q90", "gap q99",
-        f"cert. agreement ({settings['certify_method']})", "cert. gap bound q50", "cert. gap bound q90", "ONNX",
-        "verdict",
-    ]  # fmt: skip
-    teachers = {row["name"]: row for row in result["models"] if row["role"] == "teacher"}
+    header = ["model", "role", "arch", "method", "params", f"latency (ms / {settings['batch_size']})", "clean",
+              *attacks, "robust (worst)", "ONNX"]  # fmt: skip
+    teachers = _teachers(result)
     body = []
     for row in result["models"]:
         ref = teachers.get(row["teacher"]) if row["role"] == "student" else None
@@ -64,17 +94,56 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]
             value = row["accuracy"].get(key)
             cells.append(_delta(value, ref["accuracy"].get(key)) if ref else _num(value))
         cells.append(_delta(row["robust"], ref["robust"]) if ref else _num(row["robust"]))
-        if row["role"] == "student":
-            gap, cert_gap = row.get("gap") or {}, row.get("certified_gap") or {}
-            cells += [_num(row.get("disagreement")), _num(gap.get("q50")), _num(gap.get("q90")), _num(gap.get("q99"))]
-            cells += [_num(row.get("certified_agreement")), _num(cert_gap.get("median")), _num(cert_gap.get("q90"))]
-            export = row.get("export")
-            cells.append(_export_cell(export))
-            cells.append("safe" if row["verdict"]["safe"] else "not safe")
-        else:
-            cells += ["—"] * 7 + [_export_cell(row.get("export")), "teacher"]
-        body.append((row["role"], cells))
+        cells.append(_export_cell(row.get("export")))
+        body.append(cells)
     return header, body
+
+
+def _cert_gap_cell(row: dict[str, Any], key: str) -> str:
+    if (row.get("certified_gap_vacuous") or {}).get(key):
+        return VACUOUS
+    return _num((row.get("certified_gap") or {}).get(key))
+
+
+def faithfulness_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every student against its teacher on the teacher-correct points: attacks, then certificates."""
+    header = ["student", "teacher", "disagreement", "gap q50", "gap q90", "gap q99",
+              f"cert. agreement ({result['settings']['certify_method']})", "cert. gap bound q50",
+              "cert. gap bound q90", "verdict"]  # fmt: skip
+    body = []
+    for row in result["models"]:
+        if row["role"] != "student":
+            continue
+        gap = row.get("gap") or {}
+        cells = [row["name"], str(row["teacher"]), _num(row.get("disagreement"))]
+        cells += [_num(gap.get("q50")), _num(gap.get("q90")), _num(gap.get("q99"))]
+        cells += [_num(row.get("certified_agreement")), _cert_gap_cell(row, "median"), _cert_gap_cell(row, "q90")]
+        cells.append("safe" if row["verdict"]["safe"] else "not safe")
+        body.append(cells)
+    return header, body
+
+
+def ranking_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The students in the order of the ranking rule, with what each one misses."""
+    header = ["rank", "student", "teacher", "verdict", "failed checks", "relative excess", "robust (worst)", "fails"]
+    body = [
+        [
+            str(e["rank"]),
+            e["name"],
+            str(e["teacher"]),
+            "safe" if e["safe"] else "not safe",
+            str(e["failed_checks"]),
+            f"{e['relative_excess']:.3f}",
+            _num(e["robust"]),
+            "; ".join(e["misses"]) or "—",
+        ]
+        for e in result["ranking"]
+    ]
+    return header, body
+
+
+def _verdict_class(cell: str) -> str:
+    return {"safe": "safe", "not safe": "unsafe", VACUOUS: "vacuous"}.get(cell, "")
 
 
 def _export_cell(export: dict[str, Any] | None) -> str:
@@ -82,6 +151,33 @@ def _export_cell(export: dict[str, Any] | None) -> str:
         return "—"
     state = "ok" if export.get("passed") else "FAILED"
     return f"{state} (agree {export['agreement']:.4f}, max |Δ| {export['max_logit_diff']:.1e})"
+
+
+def _setting_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_setting_value(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def settings_rows(result: dict[str, Any]) -> list[list[str]]:
+    """(option, value, meaning) per setting, readable: lists joined, None as —, n_examples None as all."""
+    rows = []
+    for key, value in result["settings"].items():
+        shown = "all" if key == "n_examples" and value is None else _setting_value(value)
+        rows.append([key, shown, SETTING_MEANINGS.get(key, "")])
+    return rows
+
+
+def threshold_rows(result: dict[str, Any]) -> list[list[str]]:
+    """(threshold, value or "off", the check it sets)."""
+    meaning = {field: f"{label} {rule} threshold" for field, label, _, rule in CHECKS}
+    return [[k, OFF if v is None else f"{v:g}", meaning.get(k, "")] for k, v in result["thresholds"].items()]
 
 
 def _scope(result: dict[str, Any]) -> str:
@@ -104,39 +200,64 @@ def _commands(row: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _html_table(
+    header: list[str], body: list[list[str]], table_id: str, attrs: list[str] | None = None, text_columns: int = 2
+) -> str:
+    """A table; the first ``text_columns`` columns (and any non-numeric cell) left-aligned."""
+    e = html_escape
+    parts = [f'<table id="{table_id}"><thead><tr>', *(f"<th>{e(h)}</th>" for h in header), "</tr></thead><tbody>"]
+    for i, cells in enumerate(body):
+        tds = []
+        for j, cell in enumerate(cells):
+            cls = _verdict_class(cell) or ("text" if j < text_columns or not _numeric(cell) else "")
+            tds.append(f'<td class="{cls}">{e(cell)}</td>' if cls else f"<td>{e(cell)}</td>")
+        parts.append(f"<tr{attrs[i] if attrs else ''}>{''.join(tds)}</tr>")
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def _numeric(cell: str) -> bool:
+    return cell[:1].isdigit() or cell[:1] in "-—"
+
+
+def _ranking_html(result: dict[str, Any]) -> list[str]:
+    e = html_escape
+    header, body = ranking_table(result)
+    parts = [f'<p id="ranking-rule">Ranked by this rule: {e(result["ranking_rule"])}.</p>']
+    parts.append(_html_table(header, body, "ranking", text_columns=3))
+    miss = result.get("nearest_miss")
+    if miss is not None:
+        parts.append(f'<p id="nearest-miss"><b>Nearest miss</b>: {e(miss["text"])}.</p>')
+    return parts
+
+
 def html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
     """One HTML file that needs nothing else: no network, no external CSS, scripts or images."""
     e = html_escape
-    header, body = table(result)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>robustkd report</title>',
         f"<style>{STYLE}</style></head><body>",
         "<h1>robustkd report</h1>",
         f"<p>{e(_scope(result))}.</p>",
+        "<h2>Which student to ship</h2>",
+        *_ranking_html(result),
         "<h2>Verdicts</h2>",
         '<ul id="verdicts">',
     ]
     for row in result["models"]:
         if row["role"] == "student":
             cls = "safe" if row["verdict"]["safe"] else "unsafe"
-            who = f"<b>{e(row['name'])}</b> (teacher {e(row['teacher'])})"
-            parts.append(f'<li class="{cls}">{who}: {e(row["verdict"]["text"])}</li>')
-    parts += ["</ul>", "<h2>Students against their teachers</h2>", '<table id="models"><thead><tr>']
-    parts += [f"<th>{e(h)}</th>" for h in header]
-    parts.append("</tr></thead><tbody>")
-    for (role, cells), row in zip(body, result["models"]):
-        tds = "".join(
-            f'<td class="text">{e(c)}</td>' if i < 4 else f"<td>{e(c)}</td>" for i, c in enumerate(cells[:-1])
-        )
-        verdict_class = {"safe": "safe", "not safe": "unsafe"}.get(cells[-1], "text")
-        tds += f'<td class="{verdict_class}">{e(cells[-1])}</td>'
-        parts.append(f'<tr class="{role}" data-model="{e(row["name"])}">{tds}</tr>')
-    parts.append("</tbody></table>")
-    parts.append(f"<p>{e(_column_note(result))}</p>")
-    errors = [(row["name"], row["certified_error"]) for row in result["models"] if row.get("certified_error")]
-    for name, error in errors:
-        parts.append(f"<p>{e(name)}: not certified ({e(error)}).</p>")
+            name = f"<b>{e(row['name'])}</b> (teacher: {e(row['teacher'])})"
+            parts.append(f'<li class="{cls}">{name}: {e(row["verdict"]["text"])}</li>')
+    parts += ["</ul>", "<h2>Size and accuracy</h2>"]
+    header, body = accuracy_table(result)
+    attrs = [f' class="{row["role"]}" data-model="{e(row["name"])}"' for row in result["models"]]
+    parts.append(_html_table(header, body, "models", attrs, text_columns=4))
+    parts += ["<h2>Faithfulness to the teacher</h2>"]
+    header, body = faithfulness_table(result)
+    parts.append(_html_table(header, body, "faithfulness"))
+    parts += [f"<p>{e(line)}</p>" for line in _notes(result)]
     parts.append("<h2>Plots</h2>")
     for name, png in figures.items():
         data = base64.b64encode(png).decode("ascii")
@@ -144,8 +265,9 @@ def html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
             f'<figure><img alt="{e(name)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{e(CAPTIONS[name])}</figcaption></figure>"
         )
-    parts += ["<h2>Thresholds</h2>", _thresholds_html(result), "<h2>Settings</h2>"]
-    parts.append(f"<pre>{e(json.dumps(result['settings'], indent=2))}</pre>")
+    thresholds = _html_table(["threshold", "value", "the check"], threshold_rows(result), "thresholds", None, 1)
+    settings = _html_table(["option", "value", "meaning"], settings_rows(result), "settings", None, 1)
+    parts += ["<h2>Thresholds</h2>", thresholds, "<h2>Settings</h2>", settings]
     parts.append("<h2>Where each number comes from</h2>")
     for row in result["models"]:
         parts.append(f"<h3>{e(row['name'])}</h3><pre>{e(chr(10).join(_commands(row)))}</pre>")
@@ -155,6 +277,23 @@ def html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
 
 def html_escape(value: Any) -> str:
     return escape(str(value), quote=True)
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """The notes under the tables: how to read the columns, vacuous certificates, models not certified."""
+    notes = [_column_note(result)]
+    vacuous = [row for row in result["models"] if any((row.get("certified_gap_vacuous") or {}).values())]
+    if vacuous:
+        shares = ", ".join(f"{row['name']} {row['certified_gap_vacuous_share']:.0%}" for row in vacuous)
+        notes.append(
+            f"{VACUOUS}: the certified gap bound at that quantile carries no information about the student: the "
+            "student's certified lower bound on its confidence is 0 there (the bound is then the teacher's own "
+            f"upper bound) or the bound is the trivial 1. Share of teacher-correct points so bounded: {shares}."
+        )
+    for row in result["models"]:
+        if row.get("certified_error"):
+            notes.append(f"{row['name']}: not certified ({row['certified_error']}).")
+    return notes
 
 
 def _column_note(result: dict[str, Any]) -> str:
@@ -168,40 +307,31 @@ def _column_note(result: dict[str, Any]) -> str:
     )
 
 
-def _thresholds_html(result: dict[str, Any]) -> str:
-    rows = [
-        f"<tr><td class='text'>{html_escape(k)}</td><td>{html_escape(v)}</td></tr>"
-        for k, v in result["thresholds"].items()
-    ]
-    return (
-        "<table><thead><tr><th>threshold</th><th>value (None: not checked)</th></tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table>"
-    )
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return [*lines, ""]
 
 
 def markdown(result: dict[str, Any], figure_names: list[str]) -> str:
-    """The same table, verdicts and settings in Markdown; the plots are the PNGs under plots/."""
-    header, body = table(result)
-    lines = ["# robustkd report", "", _scope(result) + ".", "", "## Verdicts", ""]
+    """The same tables, ranking, verdicts and settings in Markdown; the plots are the PNGs under plots/."""
+    lines = ["# robustkd report", "", _scope(result) + ".", "", "## Which student to ship", ""]
+    lines += [f"Ranked by this rule: {result['ranking_rule']}.", "", *_md_table(*ranking_table(result))]
+    if result.get("nearest_miss") is not None:
+        lines += [f"**Nearest miss**: {result['nearest_miss']['text']}.", ""]
+    lines += ["## Verdicts", ""]
     for row in result["models"]:
         if row["role"] == "student":
-            lines.append(f"- **{row['name']}** (teacher {row['teacher']}): {row['verdict']['text']}")
-    lines += ["", "## Students against their teachers", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for _, cells in body:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", _column_note(result), ""]
-    for row in result["models"]:
-        if row.get("certified_error"):
-            lines += [f"{row['name']}: not certified ({row['certified_error']}).", ""]
+            lines.append(f"- **{who(row)}**: {row['verdict']['text']}")
+    lines += ["", "## Size and accuracy", "", *_md_table(*accuracy_table(result))]
+    lines += ["## Faithfulness to the teacher", "", *_md_table(*faithfulness_table(result))]
+    for note in _notes(result):
+        lines += [note, ""]
     lines += ["## Plots", ""]
     for name in figure_names:
         lines += [f"![{name}](plots/{name}.png)", "", CAPTIONS[name], ""]
-    lines += ["## Thresholds", "", "| threshold | value (None: not checked) |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in result["thresholds"].items()]
-    lines += ["", "## Settings", "", "```json", json.dumps(result["settings"], indent=2), "```", ""]
+    lines += ["## Thresholds", "", *_md_table(["threshold", "value", "the check"], threshold_rows(result))]
+    lines += ["## Settings", "", *_md_table(["option", "value", "meaning"], settings_rows(result))]
     lines += ["## Where each number comes from", ""]
     for row in result["models"]:
         lines += [f"### {row['name']}", "", "```", *_commands(row), "```", ""]
