@@ -418,3 +418,135 @@ def test_report_help_has_examples(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: robustkd report" in out and "examples:" in out and "--max_disagreement" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which student to ship: the ranking, the nearest miss, vacuous certificates, the page's tables
+
+
+def _student(name, robust, **change):
+    row = {"name": name, "role": "student", "teacher": "teacher", **GOOD, "robust": robust, **change}
+    row["verdict"] = verdict(row, TEACHER, Thresholds(), eps=0.1)
+    return row
+
+
+def test_ranking_follows_the_stated_rule():
+    from robustkd.report.ranking import RULE, nearest_miss, rank_students
+
+    rows = [
+        _student("two_fails", 0.69, clean=0.80, disagreement=0.5),  # two failed checks
+        _student("far", 0.60),  # robust drop 0.10: one check, excess 0.07 / 0.03
+        _student("kdiga", 0.666),  # robust drop 0.034: one check, excess 0.004 / 0.03
+        _student("safe_low", 0.675),
+        _student("safe_high", 0.69),
+        {"name": "teacher", "role": "teacher", "teacher": None, **TEACHER},
+    ]
+    ranking = rank_students(rows)
+    assert [e["name"] for e in ranking] == ["safe_high", "safe_low", "kdiga", "far", "two_fails"]
+    assert [e["rank"] for e in ranking] == [1, 2, 3, 4, 5]
+    assert ranking[2]["relative_excess"] == pytest.approx(0.004 / 0.03)
+    assert ranking[4]["failed_checks"] == 2
+    miss = nearest_miss(ranking)
+    assert miss["name"] == "kdiga"
+    assert miss["text"] == "kdiga: robust accuracy drop 0.034 > 0.03 (+0.004)"
+    assert nearest_miss(ranking[:2]) is None
+    assert "safe students first" in RULE and "fewer failed checks" in RULE
+
+
+def test_a_check_not_measured_counts_as_a_full_miss():
+    from robustkd.report.ranking import excess
+
+    check = {"passed": False, "value": None, "threshold": 0.5, "rule": ">="}
+    assert excess(check) == 1.0
+    assert excess({**check, "value": 0.4}) == pytest.approx(0.2)
+    assert excess({**check, "value": 0.1, "rule": "<=", "threshold": 0.0}) == pytest.approx(10.0)  # floor 0.01
+
+
+def test_vacuous_certificates_rule():
+    from robustkd.report.vacuity import vacuous_points, vacuous_quantiles
+
+    # Student lower bound 0, a bound of 1, and two informative bounds.
+    assert vacuous_points([0.0, 0.3, 0.2, 0.4], [0.7, 1.0, 0.5, 0.2]) == [True, True, False, False]
+    # 10 points, 1 vacuous: q90 sits at position ceil(0.9 * 9) = 9, the vacuous one; the median does not.
+    assert vacuous_quantiles([True] + [False] * 9) == {"median": False, "q90": True}
+    assert vacuous_quantiles([False] * 10) == {"median": False, "q90": False}
+    assert vacuous_quantiles([True] * 10) == {"median": True, "q90": True}
+
+
+def test_report_ranks_students_in_every_format(report):
+    result, out = report
+    names = [e["name"] for e in result["ranking"]]
+    assert sorted(names) == ["ard", "kd"] and result["ranking_rule"].startswith("safe students first")
+    saved = json.loads((out / "report.json").read_text())
+    assert [e["name"] for e in saved["ranking"]] == names
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert '<table id="ranking">' in page and result["ranking_rule"] in page and result["ranking_rule"] in md
+    assert f"| 1 | {names[0]} | teacher |" in md and f"| 2 | {names[1]} | teacher |" in md
+    if result["nearest_miss"] is not None:
+        assert result["nearest_miss"]["name"] == next(e["name"] for e in result["ranking"] if not e["safe"])
+        assert html_escape(result["nearest_miss"]["text"]) in page and result["nearest_miss"]["text"] in md
+
+
+def html_escape(text):
+    from html import escape
+
+    return escape(text, quote=True)
+
+
+def test_vacuous_certified_gap_bounds_are_marked(report):
+    from robustkd.report.vacuity import vacuous_points, vacuous_quantiles
+
+    result, out = report
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    marked = 0
+    for row in _rows(result).values():
+        if row["role"] != "student":
+            continue
+        cert = json.loads(Path(row["certify_sources"]["certify@0.1"]).read_text())["per_example"]
+        keep = cert["teacher_correct"]
+        flags = vacuous_points(
+            [v for v, k in zip(cert["student_conf_lower"], keep) if k],
+            [v for v, k in zip(cert["gap_upper"], keep) if k],
+        )
+        assert row["certified_gap_vacuous"] == vacuous_quantiles(flags)
+        for key in ("median", "q90"):
+            if row["certified_gap_vacuous"][key]:
+                marked += 1
+                number = f"{row['certified_gap'][key]:.4f}"
+                line = next(line for line in md.splitlines() if line.startswith(f"| {row['name']} | teacher | "))
+                assert "vacuous" in line and number not in line.split("|")[8 if key == "median" else 9]
+    # The tiny students' IBP bounds at eps 0.1 say nothing: the fixture exercises the marking.
+    assert marked > 0
+    assert '<td class="vacuous">vacuous</td>' in page and "carries no information about the student" in page
+
+
+def test_gap_histograms_fit_the_data(monkeypatch):
+    import robustkd.report.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"")
+    rows = [{"name": "kd", "role": "student"}]
+    extras = {"kd": {"gap": [0.20, 0.25, 0.31], "certified_gap": [0.40]}}
+    plots.gap_histograms(rows, extras, ReportSettings(eps=0.1), Thresholds(max_gap=0.1))
+    low, high = figures[0].axes[0].get_xlim()
+    assert 0.05 < low < 0.1 and 0.4 < high < 0.45  # the data and the max_gap line, with a margin; not -1..1
+    assert plots.gap_range([0.5, 0.5], None) == pytest.approx((0.489, 0.511))
+
+
+def test_settings_and_thresholds_are_readable_tables(report):
+    _, out = report
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert '"faithfulness_steps":' not in page and "```json" not in md  # no JSON dump
+    assert '<table id="settings">' in page and '<table id="thresholds">' in page
+    assert "| attacks | clean, pgd3, cw3 |" in md and "| eps_sweep | 0.05, 0.1 |" in md
+    assert "| max_certified_gap | off |" in md and "| max_gap | 0.1 |" in md
+    assert "None" not in page.split("<h2>Thresholds</h2>")[1].split("<h2>Where")[0]
+    assert "None" not in md.split("## Thresholds")[1].split("## Where")[0]
+
+
+def test_verdict_lines_name_the_teacher_once(report):
+    _, out = report
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert "<b>kd</b> (teacher: teacher): not safe" in page or "<b>kd</b> (teacher: teacher): safe" in page
+    assert "- **kd (teacher: teacher)**: " in md
+    assert "(teacher teacher)" not in page and "(teacher teacher)" not in md

@@ -22,6 +22,8 @@ window.addEventListener("load", function () {
   var painted = images.filter(function (im) { return im.complete && im.naturalWidth > 0; });
   document.body.setAttribute("data-images", String(images.length));
   document.body.setAttribute("data-images-ok", String(painted.length));
+  document.body.setAttribute("data-scroll-width", String(document.documentElement.scrollWidth));
+  document.body.setAttribute("data-ranked", String(document.querySelectorAll("#ranking tbody tr").length));
 });
 </script>
 """
@@ -71,8 +73,18 @@ def test_chromium_renders_every_plot_and_student(tmp_path):
     assert rows.body.get("data-images-ok") == str(n_images)
     assert rows.models == ["teacher", "kd", "ard", "rslad"]
     for name in ("kd", "ard", "rslad"):
-        assert re.search(rf"<b>{name}</b> \(teacher teacher\): ", dom.stdout)
+        assert re.search(rf"<b>{name}</b> \(teacher: teacher\): ", dom.stdout)
         assert result["summary"][name]["text"].split(":")[0] in dom.stdout
+
+    # At 1280 px the page needs no horizontal scrolling, and it ranks every student.
+    narrow = _chromium("--window-size=1280,1000", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri())
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    width = _Rows()
+    width.feed(narrow.stdout)
+    assert int(width.body["data-scroll-width"]) <= 1280
+    assert width.body.get("data-ranked") == "3" and [e["rank"] for e in result["ranking"]] == [1, 2, 3]
+    assert "Which student to ship" in narrow.stdout
+    assert ('id="nearest-miss"' in narrow.stdout) == (result["nearest_miss"] is not None)
 
     # The page as painted: tall enough for the table and all four plots.
     shot = tmp_path / "shot.png"
@@ -98,3 +110,14 @@ def test_the_probe_sees_a_broken_image(tmp_path):
     rows = _Rows()
     rows.feed(dom.stdout)
     assert rows.body.get("data-images") == "2" and rows.body.get("data-images-ok") == "1"
+
+
+def test_the_probe_sees_a_page_too_wide(tmp_path):
+    """The width check above can fail: a table wider than the window makes the page scroll sideways."""
+    cells = "".join(f"<td>column {i} of a wide table</td>" for i in range(40))
+    probed = tmp_path / "wide.html"
+    probed.write_text(f"<html><body><table><tr>{cells}</tr></table>{PROBE}</body></html>")
+    dom = _chromium("--window-size=1280,1000", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri())
+    rows = _Rows()
+    rows.feed(dom.stdout)
+    assert int(rows.body["data-scroll-width"]) > 1280
