@@ -77,14 +77,18 @@ def make_report(
         "summary": {
             s.name: {"safe": rows[s.name]["verdict"]["safe"], "text": rows[s.name]["verdict"]["text"]} for s in students
         },
+        **_ranking(ordered),
     }
-    result["ranking_rule"] = ranking.RULE
-    result["ranking"] = ranking.rank_students(ordered)
-    result["nearest_miss"] = ranking.nearest_miss(result["ranking"])
     figures = plots.all_figures(ordered, extras, settings, thresholds)
     _write(out, result, figures)
     result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
     return result
+
+
+def _ranking(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which student to ship: the rule, the students in its order, the best-ranked one that is not safe."""
+    ranked = ranking.rank_students(rows)
+    return {"ranking_rule": ranking.RULE, "ranking": ranked, "nearest_miss": ranking.nearest_miss(ranked)}
 
 
 def _rows(
