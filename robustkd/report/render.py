@@ -23,13 +23,13 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; max-width: 100%; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.5em; text-align: right; vertical-align: top; }
-th { background: #eee; } td.text { text-align: left; }
+th { background: #eee; } td.text, th.text { text-align: left; }
 tr.teacher { background: #f4f4f4; font-weight: bold; }
 td.safe, td.unsafe { white-space: nowrap; }
 .safe { color: #17692c; } .unsafe { color: #a01818; } .vacuous { color: #777; font-style: italic; }
 figure { margin: 1.5em 0; } figcaption { font-size: 0.9em; color: #555; max-width: 900px; }
 img { max-width: 100%; } pre, code { font-size: 0.85em; }
-pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; overflow-wrap: anywhere; }
+pre { background: #f6f6f6; padding: 0.6em; margin: 0.4em 0; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 # The words a cell holds instead of a number: a certificate that says nothing, a check switched off.
@@ -205,7 +205,10 @@ def _html_table(
 ) -> str:
     """A table; the first ``text_columns`` columns (and any non-numeric cell) left-aligned."""
     e = html_escape
-    parts = [f'<table id="{table_id}"><thead><tr>', *(f"<th>{e(h)}</th>" for h in header), "</tr></thead><tbody>"]
+    # A header sits over its column: left over text, right over numbers (as read in the first row).
+    text = [j < text_columns or (bool(body) and not _numeric(body[0][j])) for j in range(len(header))]
+    ths = (f'<th class="text">{e(h)}</th>' if t else f"<th>{e(h)}</th>" for h, t in zip(header, text))
+    parts = [f'<table id="{table_id}"><thead><tr>', *ths, "</tr></thead><tbody>"]
     for i, cells in enumerate(body):
         tds = []
         for j, cell in enumerate(cells):
@@ -265,12 +268,13 @@ def html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
             f'<figure><img alt="{e(name)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{e(CAPTIONS[name])}</figcaption></figure>"
         )
-    thresholds = _html_table(["threshold", "value", "the check"], threshold_rows(result), "thresholds", None, 1)
-    settings = _html_table(["option", "value", "meaning"], settings_rows(result), "settings", None, 1)
+    thresholds = _html_table(["threshold", "value", "the check"], threshold_rows(result), "thresholds", None, 3)
+    settings = _html_table(["option", "value", "meaning"], settings_rows(result), "settings", None, 3)
     parts += ["<h2>Thresholds</h2>", thresholds, "<h2>Settings</h2>", settings]
     parts.append("<h2>Where each number comes from</h2>")
     for row in result["models"]:
-        parts.append(f"<h3>{e(row['name'])}</h3><pre>{e(chr(10).join(_commands(row)))}</pre>")
+        # One block per command: a long line wraps inside its own block, so where each command ends stays clear.
+        parts.append(f"<h3>{e(row['name'])}</h3>" + "".join(f"<pre>{e(line)}</pre>" for line in _commands(row)))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
