@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,7 @@ from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.engine.state import STATE_FILE, load_state, save_state
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.evaluate import evaluate_robustness
-from robustkd.io import atomic_write_json, atomic_write_text, preflight_write
+from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, run_lock
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
 from robustkd.models import create_model
 from robustkd.runtime import derive_seed, freeze, resolve_device, seed_everything
@@ -54,42 +53,6 @@ class TrainResult:
     last: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] = field(default_factory=dict)
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Refuse a second process on the same run directory instead of interleaving writes."""
-    lock = run_dir / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip() or "?"
-        if pid.isdigit() and not _alive(int(pid)):
-            lock.unlink(missing_ok=True)  # left by a killed run
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        else:
-            raise RobustKDError(
-                f"{run_dir} is in use by process {pid} (lock file {lock}); wait for it, or remove the lock "
-                "file if that process is gone"
-            ) from None
-    except OSError as err:
-        raise RobustKDError(f"cannot write in the run directory {run_dir}: {err}") from err
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
