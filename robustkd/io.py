@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +208,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
 def _acquire(lock: Path) -> int:
     """The descriptor holding the lock; the path then names the locked file and it holds our pid."""
     _remove_orphans(lock)
-    for _ in range(1000):  # each retry means another process changed the lock meanwhile: it ends fast
+    owner = "?"
+    for _ in range(_TRIES):  # a retry means another process is changing the lock right now: it ends fast
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
@@ -221,14 +223,20 @@ def _acquire(lock: Path) -> int:
                 return _create_locked(lock, replace=True)  # a dead owner's lock: ours replaces it, with our pid
             finally:
                 os.close(fd)
+        owner = _pid_in(fd)
         os.close(fd)
-        if current:
-            raise RunInUseError(
-                f"{lock.parent} is in use by process {_owner(lock)} (lock file {lock}); wait for it to finish "
-                "or stop it, or choose another --name"
-            )
-        # The file was replaced or removed between our open and our flock: look again.
-    raise RobustKDError(f"cannot take the lock {lock}: it keeps changing; is something rewriting it?")
+        if current and owner != "?" and pid_alive(int(owner)):
+            break
+        # Replaced or removed since we opened it, or held by a process that is taking over a dead owner's
+        # file and is about to put its own (with its pid) in place: look again.
+        time.sleep(0.002)
+    raise RunInUseError(
+        f"{lock.parent} is in use by process {owner} (lock file {lock}); wait for it to finish or stop it, "
+        "or choose another --name"
+    )
+
+
+_TRIES = 500  # about a second of retries
 
 
 def _create_locked(lock: Path, replace: bool) -> int | None:
@@ -271,9 +279,7 @@ def _names(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _owner(lock: Path) -> str:
-    try:
-        pid = lock.read_text().strip()
-    except OSError:
-        return "?"
-    return pid if pid.isdigit() else "?"
+def _pid_in(fd: int) -> str:
+    """The pid written in the open lock file, or "?"."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text if text.isdigit() else "?"

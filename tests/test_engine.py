@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from robustkd.checkpoint import load_model, read_meta
 from robustkd.config import from_dict
 from robustkd.data.base import Dataset, DatasetInfo, Split
 from robustkd.errors import ConfigError, RobustKDError
+from robustkd.io import run_lock
 
 
 def _toy_dataset(n_train=240, n_test=60, seed=0) -> Dataset:
@@ -118,9 +120,19 @@ def test_existing_run_needs_resume_flag(tmp_path, toy):
 def test_second_process_on_same_run_is_refused(tmp_path, toy):
     run = tmp_path / "toy"
     run.mkdir(parents=True)
-    (run / ".lock").write_text("1")  # pid 1 is always alive
-    with pytest.raises(RobustKDError, match="in use by process 1"):
+    with run_lock(run), pytest.raises(RobustKDError, match=f"in use by process {os.getpid()} "):
         robustkd.train(_cfg(tmp_path, epochs=1))
+    assert sorted(p.name for p in run.iterdir()) == []  # the refused run wrote nothing, and the lock is gone
+
+
+def test_a_lock_file_nobody_holds_is_taken_over(tmp_path, toy):
+    # Left by a killed run, or by a run killed between creating the file and writing its pid (empty).
+    run = tmp_path / "toy"
+    run.mkdir(parents=True)
+    for text in ("1", ""):
+        (run / ".lock").write_text(text)
+        robustkd.train(_cfg(tmp_path, epochs=1, resume=True))
+        assert not (run / ".lock").exists()
 
 
 def test_nonfinite_loss_before_any_checkpoint(tmp_path, toy):
