@@ -55,7 +55,7 @@ def _race(run: Path, n: int = 5) -> list[tuple[str, int, str]]:
     return out
 
 
-@pytest.mark.parametrize("left", ["dead_pid", "empty"])
+@pytest.mark.parametrize("left", [pytest.param("dead_pid", id="dead-pid"), pytest.param("empty", id="empty")])
 def test_a_lock_left_behind_goes_to_exactly_one_of_several_processes(tmp_path, left):
     # "empty": the old lock was created before its pid was written; a kill in between blocked every later run.
     for trial in range(6):
