@@ -136,7 +136,7 @@ class TrainConfig:
     teacher_arch: str | None = None
     """Architecture of a .pt teacher (robustkd checkpoints describe themselves)."""
     resume: bool = False
-    """Continue the run in <out_dir>/<name> from its last completed epoch."""
+    """Continue the run in <out_dir>/<name> from its last epoch (a damaged resume state: from last, new optimiser)."""
     progress: bool = True
     """Show progress bars and per-epoch lines."""
     tensorboard: bool = True

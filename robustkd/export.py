@@ -21,7 +21,7 @@ import hashlib
 import inspect
 import io
 import logging
-import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.evaluate.faithfulness import evaluate_faithfulness
 from robustkd.evaluate.robustness import progress_bar
+from robustkd.io import atomic_write_bytes
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 DEFAULT_OPSET = {"dynamo": 18, "legacy": 17}
@@ -134,22 +135,17 @@ def _export_with(kind: str, model: nn.Module, example: Tensor, path: Path, opset
 def _export(
     model: nn.Module, example: Tensor, path: Path, exporter: str, opset: int | None, notes: list[str]
 ) -> tuple[str, int]:
-    """Write the graph through a temporary file (renamed into place); returns (exporter used, opset)."""
-    if exporter == "auto":
-        order = ["dynamo", "legacy"] if _has_onnxscript() else ["legacy"]
-    elif exporter == "dynamo" and not _has_onnxscript():
-        raise RobustKDError(
-            "exporter: dynamo needs onnxscript ('pip install onnxscript==0.7.2') and torch >= 2.5; or use legacy"
-        )
-    else:
-        order = [exporter]
+    """Write the graph to ``path`` as one self-contained file, atomically; returns (exporter used, opset)."""
+    order = _exporter_order(exporter)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # before the export, which takes a while
     except OSError as err:
         raise ConfigError(f"onnx: cannot create the folder {path.parent} ({err})") from err
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     errors = []
-    try:
+    # The exporters write into a private folder (dynamo puts the weights in a side file there); the graph is
+    # then read back with its weights and written as one file: copied alone, it still runs.
+    with tempfile.TemporaryDirectory(prefix="robustkd-onnx-") as folder:
+        tmp = Path(folder) / path.name
         for kind in order:
             chosen = opset if opset is not None else DEFAULT_OPSET[kind]
             try:
@@ -161,12 +157,36 @@ def _export(
                     notes.append(message)
                     warnings.warn(message, stacklevel=3)
                 continue
-            os.replace(tmp, path)
+            _write_self_contained(tmp, path)
             return kind, chosen
-    finally:
-        tmp.unlink(missing_ok=True)
     arch = getattr(model, "robustkd_meta", {}).get("arch")
     raise RobustKDError(f"cannot export {arch or 'the model'} to ONNX: " + "; ".join(errors))
+
+
+def _exporter_order(exporter: str) -> list[str]:
+    if exporter == "auto":
+        return ["dynamo", "legacy"] if _has_onnxscript() else ["legacy"]
+    if exporter == "dynamo" and not _has_onnxscript():
+        raise RobustKDError(
+            "exporter: dynamo needs onnxscript ('pip install onnxscript==0.7.2') and torch >= 2.5; or use legacy"
+        )
+    return [exporter]
+
+
+# Protocol buffers cannot hold more than 2 GiB in one message.
+MAX_SELF_CONTAINED_BYTES = 2**31 - 2**20
+
+
+def _write_self_contained(exported: Path, path: Path) -> None:
+    """The exported graph with every weight inside it, written to ``path`` atomically (fsync, rename)."""
+    onnx, _ = _require_onnx()
+    proto = onnx.load(str(exported), load_external_data=True)  # pulls side files' weights into the graph
+    if proto.ByteSize() > MAX_SELF_CONTAINED_BYTES:
+        raise RobustKDError(
+            f"onnx: the model is {proto.ByteSize() / 2**30:.1f} GiB, over the 2 GiB an ONNX file can hold "
+            "without an external-data file; export a smaller model"
+        )
+    atomic_write_bytes(path, proto.SerializeToString())  # a WriteError names the file and what to do
 
 
 def _sha256(path: Path) -> str:

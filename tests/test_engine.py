@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from robustkd.checkpoint import load_model, read_meta
 from robustkd.config import from_dict
 from robustkd.data.base import Dataset, DatasetInfo, Split
 from robustkd.errors import ConfigError, RobustKDError
+from robustkd.io import run_lock
 
 
 def _toy_dataset(n_train=240, n_test=60, seed=0) -> Dataset:
@@ -115,12 +117,54 @@ def test_existing_run_needs_resume_flag(tmp_path, toy):
         robustkd.train(_cfg(tmp_path, epochs=1))
 
 
+def _damage_state(run):
+    state = run / "resume.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as a full disk or a copy cut short leaves it
+
+
+def test_a_damaged_resume_state_continues_from_last(tmp_path, toy):
+    robustkd.train(_cfg(tmp_path, epochs=2))
+    run = tmp_path / "toy"
+    _damage_state(run)
+    last = load_model(run / "last").state_dict()
+    with pytest.raises(ConfigError, match="pass --resume true"):  # the refusal names the way out ...
+        robustkd.train(_cfg(tmp_path, epochs=3))
+    with pytest.warns(UserWarning, match=r"not a readable training state.*from last.safetensors \(epoch 2\).*lost"):
+        result = robustkd.train(_cfg(tmp_path, epochs=3, resume=True))  # ... and it works
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert read_meta(run / "last")["epoch"] == 3
+    assert any(not torch.equal(v, load_model(run / "last").state_dict()[k]) for k, v in last.items())
+    assert (run / "best.safetensors").exists()
+    assert robustkd.train(_cfg(tmp_path, epochs=3, resume=True)).history == result.history  # a sound state again
+
+
+def test_a_damaged_resume_state_without_a_usable_last_names_the_way_out(tmp_path, toy):
+    robustkd.train(_cfg(tmp_path, epochs=1))
+    run = tmp_path / "toy"
+    _damage_state(run)
+    (run / "last.safetensors").write_bytes(b"")
+    with pytest.raises(RobustKDError, match=r"cannot stand in for it .*start over under another --name") as info:
+        robustkd.train(_cfg(tmp_path, epochs=2, resume=True))
+    assert "\n" not in str(info.value)
+    assert (run / "best.safetensors").exists() and (run / "resume.safetensors").exists()  # nothing removed
+
+
 def test_second_process_on_same_run_is_refused(tmp_path, toy):
     run = tmp_path / "toy"
     run.mkdir(parents=True)
-    (run / ".lock").write_text("1")  # pid 1 is always alive
-    with pytest.raises(RobustKDError, match="in use by process 1"):
+    with run_lock(run), pytest.raises(RobustKDError, match=f"in use by process {os.getpid()} "):
         robustkd.train(_cfg(tmp_path, epochs=1))
+    assert sorted(p.name for p in run.iterdir()) == []  # the refused run wrote nothing, and the lock is gone
+
+
+def test_a_lock_file_nobody_holds_is_taken_over(tmp_path, toy):
+    # Left by a killed run, or by a run killed between creating the file and writing its pid (empty).
+    run = tmp_path / "toy"
+    run.mkdir(parents=True)
+    for text in ("1", ""):
+        (run / ".lock").write_text(text)
+        robustkd.train(_cfg(tmp_path, epochs=1, resume=True))
+        assert not (run / ".lock").exists()
 
 
 def test_nonfinite_loss_before_any_checkpoint(tmp_path, toy):

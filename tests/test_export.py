@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import warnings
 
 import numpy as np
@@ -19,6 +20,7 @@ from robustkd.cli import main
 from robustkd.errors import CheckpointError, ConfigError
 from robustkd.evaluate import evaluate_faithfulness
 from robustkd.export import calibration_metrics
+from robustkd.io import FILE_MODE
 from robustkd.jobs import export_onnx, load_test_points
 
 META = fmnist_meta("small_cnn", {"width": 2, "hidden": 8})
@@ -202,3 +204,26 @@ def test_auto_falls_back_to_the_legacy_exporter(ckpts, tmp_path, monkeypatch):
     ):
         export_onnx(tmp_path / "kd" / "best", tmp_path / "t.onnx", n_examples=8, exporter="legacy", progress=False)
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_the_onnx_file_is_self_contained_and_leaves_nothing_beside_it(ckpts, tmp_path):
+    # The dynamo exporter puts the weights in a side file; it once stayed, hidden, beside the .onnx.
+    import onnxruntime as ort
+
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    shutil.copytree(ckpts / "kd", tmp_path / "kd")
+    out = tmp_path / "out" / "m.onnx"
+    for _ in range(2):  # a second export over the first leaves nothing either
+        result = export_onnx(tmp_path / "kd" / "best", out, n_examples=8, exporter="dynamo", progress=False)
+        assert result["exporter"] == "dynamo" and result["passed"] is True
+        assert sorted(p.name for p in out.parent.iterdir()) == ["m.export.json", "m.onnx"]
+        assert stat.S_IMODE(out.stat().st_mode) == FILE_MODE
+    alone = tmp_path / "elsewhere" / "copy.onnx"
+    alone.parent.mkdir()
+    shutil.copyfile(out, alone)
+    x, _, _, _ = load_test_points(META, 8)
+    session = ort.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = load_model(tmp_path / "kd" / "best")(x).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)

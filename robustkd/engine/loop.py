@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,15 +24,22 @@ from torch import nn
 import robustkd.data as datasets
 from robustkd.attacks import ThreatModel
 from robustkd.certify import certified_accuracy as certified
-from robustkd.checkpoint import check_compatible, checkpoint_bytes, load_model, save_checkpoint
+from robustkd.checkpoint import (
+    check_compatible,
+    checkpoint_bytes,
+    load_model,
+    load_state_strict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from robustkd.config import TrainConfig, ValidateConfig, from_dict, protocol_value, to_dict, validate
 from robustkd.data import DatasetInfo, Split, build_augment, iterate_batches, stratified_split
 from robustkd.engine.distributed import Dist, distributed
 from robustkd.engine.optim import build_optimizer, learning_rate
-from robustkd.engine.state import STATE_FILE, load_state, save_state
-from robustkd.errors import ConfigError, RobustKDError
+from robustkd.engine.state import STATE_FILE, DamagedStateError, load_state, save_state
+from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.evaluate import evaluate_robustness
-from robustkd.io import atomic_write_json, atomic_write_text, preflight_write
+from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, run_lock
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
 from robustkd.models import create_model
 from robustkd.runtime import derive_seed, freeze, resolve_device, seed_everything
@@ -54,42 +60,6 @@ class TrainResult:
     last: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] = field(default_factory=dict)
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Refuse a second process on the same run directory instead of interleaving writes."""
-    lock = run_dir / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip() or "?"
-        if pid.isdigit() and not _alive(int(pid)):
-            lock.unlink(missing_ok=True)  # left by a killed run
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        else:
-            raise RobustKDError(
-                f"{run_dir} is in use by process {pid} (lock file {lock}); wait for it, or remove the lock "
-                "file if that process is gone"
-            ) from None
-    except OSError as err:
-        raise RobustKDError(f"cannot write in the run directory {run_dir}: {err}") from err
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
@@ -336,10 +306,55 @@ def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming
     )
     if resuming:
         # Every rank reads the same file (the run folder must be visible to all of them).
-        saved = load_state(run_dir, model, optimizer)
+        saved = _load_resume_state(run)
         run.start_epoch, run.best_score, run.history = saved["epoch"] + 1, saved["best_score"], saved["history"]
     run.student = dist.wrap(model)
     return run
+
+
+def _load_resume_state(run: _Run) -> dict[str, Any]:
+    """The saved state restored into the model and optimiser; a damaged one falls back on ``last``."""
+    try:
+        return load_state(run.run_dir, run.model, run.optimizer)
+    except DamagedStateError as err:
+        damaged = err
+    saved = _state_from_last(run, damaged)
+    if run.dist.is_main:
+        warnings.warn(
+            f"{damaged}; continuing from last.safetensors (epoch {saved['epoch'] + 1}) with a fresh optimiser: "
+            "its state (momentum, moments) was lost, so from here the run differs from an uninterrupted one",
+            stacklevel=4,
+        )
+    return saved
+
+
+def _state_from_last(run: _Run, damaged: DamagedStateError) -> dict[str, Any]:
+    """What the resume state would have said, read from ``last`` and metrics.jsonl; the weights into the model."""
+    last = run.run_dir / "last"
+    try:
+        weights, meta, _ = read_checkpoint(last)
+        epoch = meta["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= run.cfg.epochs:
+            raise CheckpointError(f"its sidecar's epoch is {epoch!r}")
+        load_state_strict(run.model, weights, str(last))
+    except (RobustKDError, KeyError) as err:
+        raise CheckpointError(
+            f"{damaged}, and {last}.safetensors cannot stand in for it ({err}); start over under another "
+            f"--name (the files in {run.run_dir} are kept)"
+        ) from None
+    best = meta.get("metrics", {}).get("best_score", -math.inf)
+    return {"epoch": epoch - 1, "best_score": best, "history": _history(run.run_dir, epoch)}
+
+
+def _history(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl for the first ``epochs`` epochs; none when it cannot be read."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    except (OSError, ValueError):
+        return []
+    return [
+        row for row in rows if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs
+    ]
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> _Data:

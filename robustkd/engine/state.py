@@ -43,15 +43,18 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in the training state")
 
 
+class DamagedStateError(CheckpointError):
+    """The resume state cannot be read (truncated, overwritten, not safetensors): the epoch it commits is lost."""
+
+
 def load_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimiser in place; returns the saved ``info`` dict."""
+    """Restore model and optimiser in place; returns the saved ``info`` dict.
+
+    Raises :class:`DamagedStateError` when the file cannot be read, and a plain ``CheckpointError`` when it
+    is readable but belongs to another model.
+    """
     path = run_dir / STATE_FILE
-    try:
-        tensors = st_load(path.read_bytes())
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})["state"])
-    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable training state ({err}); start without --resume") from err
+    tensors, meta = _read(path)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_state_strict(model, model_state, str(path))
     state: dict[int, dict[str, Any]] = {}
@@ -67,3 +70,15 @@ def load_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
             group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return meta["info"]
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        tensors = st_load(path.read_bytes())
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["state"])
+        if not all(isinstance(meta.get(key), dict | list) for key in ("info", "param_groups", "scalars")):
+            raise KeyError("info, param_groups or scalars")
+    except (OSError, SafetensorError, KeyError, ValueError, AttributeError) as err:
+        raise DamagedStateError(f"{path} is not a readable training state ({type(err).__name__}: {err})") from err
+    return tensors, meta
