@@ -40,17 +40,21 @@ def fingerprint(kind: str, sources: Sequence[Path]) -> str:
     digest = hashlib.sha256(f"robustkd-data-v{CACHE_VERSION}\0{kind}\0".encode())
     for source in sources:
         if source.is_dir():
-            # Folders count too: an empty class folder changes what the reader accepts.
-            for path in sorted(source.rglob("*")):
-                name = path.relative_to(source).as_posix()
-                if path.is_dir():
-                    digest.update(name.encode() + b"/\0")
-                elif path.is_file():
-                    digest.update(name.encode() + b"\0")
-                    _hash_into(digest, path)
+            _hash_folder(digest, source)
         else:
             _hash_into(digest, source)
     return digest.hexdigest()[:32]
+
+
+def _hash_folder(digest: Any, folder: Path) -> None:
+    # Folders count too: an empty class folder changes what the reader accepts.
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            digest.update(name.encode() + b"/\0")
+        elif path.is_file():
+            digest.update(name.encode() + b"\0")
+            _hash_into(digest, path)
 
 
 def _hash_into(digest: Any, path: Path) -> None:
