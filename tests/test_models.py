@@ -189,6 +189,13 @@ def test_absurd_options_are_refused_before_allocating(monkeypatch, arch, options
         create_model(arch, **options)
 
 
+def test_normalize_refuses_non_finite_statistics():
+    with pytest.raises(ValueError, match="finite"):
+        Normalize([float("nan")], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        Normalize([0.0], [float("inf")])
+
+
 def test_none_options_are_dropped():
     default = count_parameters(create_model("small_cnn"))
     assert count_parameters(create_model("small_cnn", width=None, hidden=None, mean=None, std=None)) == default
