@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from torch import nn
 from robustkd._version import __version__
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
-from robustkd.models import create_model
+from robustkd.models import create_model, model_shapes
 
 FORMAT = "robustkd-checkpoint"
 FORMAT_VERSION = 1
@@ -131,11 +132,20 @@ def _read_meta(weights: Path, blob: bytes, header: Mapping[str, str]) -> dict[st
     return meta
 
 
-def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
-    """Rebuild the (untrained) model a checkpoint describes."""
+def build_from_meta(
+    meta: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, source: str = "checkpoint"
+) -> nn.Module:
+    """Rebuild the (untrained) model a checkpoint describes.
+
+    With ``state`` (the weights it is for), the description is first checked against those tensors on the
+    meta device, so an edited ``arch_args`` is refused before anything is allocated.
+    """
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
+    if not isinstance(meta["arch"], str):
+        raise CheckpointError(f"{source}: 'arch' in the checkpoint metadata must be a name, got {meta['arch']!r}")
+    _check_normalisation(meta, source)
     try:
         shape = meta["input_shape"]
         kwargs = {
@@ -148,6 +158,8 @@ def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
         }
     except (TypeError, ValueError, IndexError, KeyError) as err:
         raise CheckpointError(f"checkpoint metadata does not describe a model ({type(err).__name__}: {err})") from err
+    if state is not None and not meta["arch"].startswith("timm/"):  # timm bodies are not built on meta
+        _check_described_shapes(meta, kwargs, state, source)
     try:
         return create_model(meta["arch"], **kwargs)
     except (TypeError, ValueError) as err:  # not ConfigError: that names its field already
@@ -156,35 +168,77 @@ def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
         raise CheckpointError(f"checkpoint metadata does not describe a model ({type(err).__name__}: {err})") from err
 
 
+def _check_normalisation(meta: Mapping[str, Any], source: str) -> None:
+    # JSON reads NaN and Infinity; a model normalising with them outputs NaN for every input.
+    for key in ("mean", "std"):
+        value = meta[key]
+        try:
+            values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        except (TypeError, ValueError, OverflowError):
+            raise CheckpointError(
+                f"{source}: '{key}' in the checkpoint metadata must be numbers, got {value!r}"
+            ) from None
+        if not all(math.isfinite(v) for v in values):
+            raise CheckpointError(f"{source}: '{key}' in the checkpoint metadata must be finite, got {value!r}")
+        if key == "std" and not all(v > 0 for v in values):
+            raise CheckpointError(f"{source}: 'std' in the checkpoint metadata must be > 0, got {value!r}")
+
+
+def _check_described_shapes(
+    meta: Mapping[str, Any], kwargs: dict[str, Any], state: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Refuse metadata whose model (built on the meta device: nothing allocated) differs from the weights."""
+    args = ", ".join(f"{k}={v!r}" for k, v in dict(meta.get("arch_args") or {}).items()) or "none"
+    try:
+        described = model_shapes(meta["arch"], **kwargs)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: the metadata's arch {meta['arch']!r} with arch_args {args}: {err}") from None
+    problems = _mismatches({k: (v, None) for k, v in described.items()}, state)
+    if problems:
+        total = sum(math.prod(v) for v in described.values())
+        raise CheckpointError(
+            f"{source} does not match the architecture: {'; '.join(problems)} "
+            f"(the metadata's arch {meta['arch']!r} with arch_args {args} describes {total:,} parameters, the "
+            f"weights file holds {sum(t.numel() for t in state.values()):,}; the metadata was edited or is not "
+            "for these weights)"
+        )
+
+
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` that explains a mismatch in terms of keys, shapes and dtypes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    dtypes = [
-        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
-        for k in own
-        if k in state
-        and state[k].dtype != own[k].dtype
-        and not (state[k].is_floating_point() and own[k].is_floating_point())
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_few(unexpected)}")
-    if shapes:
-        problems.append(f"wrong shapes {_few(shapes)}")
-    if dtypes:
-        problems.append(f"wrong dtypes {_few(dtypes)}")
+    own = {k: (tuple(v.shape), v) for k, v in model.state_dict().items()}
+    problems = _mismatches(own, state)
     if problems:
         raise CheckpointError(f"{source} does not match the architecture: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+
+
+def _mismatches(
+    own: Mapping[str, tuple[tuple[int, ...], torch.Tensor | None]], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Missing / unexpected keys, wrong shapes and (where ``own`` has a tensor) wrong dtypes, described."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {shape}"
+        for k, (shape, _) in own.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    dtypes = [
+        f"{k}: file {state[k].dtype} vs model {tensor.dtype}"
+        for k, (_, tensor) in own.items()
+        if k in state
+        and tensor is not None
+        and state[k].dtype != tensor.dtype
+        and not (state[k].is_floating_point() and tensor.is_floating_point())
+    ]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if items:
+            problems.append(f"{what} {_few(items)}")
+    if dtypes:
+        problems.append(f"wrong dtypes {_few(dtypes)}")
+    return problems
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -210,8 +264,9 @@ def load_model(
         model = _load_foreign(path, arch, arch_kwargs)
     else:
         state, meta, _ = read_checkpoint(path)
-        model = build_from_meta(meta)
-        load_state_strict(model, state, str(resolve(path)))
+        source = str(resolve(path))
+        model = build_from_meta(meta, state, source)
+        load_state_strict(model, state, source)
         model.robustkd_meta = dict(meta)  # type: ignore[assignment]
     model.eval()
     return model.to(device) if device is not None else model

@@ -154,6 +154,18 @@ class TrainConfig:
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SELECT = ("auto", "clean", "robust", "certified", "last")
 
+# Bounds for numbers that are valid Python but absurd for a run. The optimiser turns lr, weight_decay and
+# the values derived from them (lr / Adam's bias correction, lr * weight_decay) into float32 scalars on the
+# parameters: far above 1e6 they overflow ("value cannot be converted to type float without overflow"),
+# below float32's smallest normal number they become 0 and nothing trains. No recipe is near either end.
+MAX_LR = 1e6
+MIN_FLOAT32 = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, without importing torch here
+MAX_FLOAT32 = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+# No run is meant to last 100 000 epochs; a longer one (or a warm-up or milestone past it) is a typo.
+MAX_EPOCHS = 100_000
+# No dataset here holds 2**31 examples, so a larger batch size or subset cannot be what was meant.
+MAX_COUNT = 2**31 - 1
+
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse values that would fail later or silently do something else; messages name the field."""
@@ -177,35 +189,62 @@ def _check_run(cfg: TrainConfig) -> None:
         f"{cfg.name!r} must be a plain folder name (letters, digits, '_.+-'; no '/' or '..')",
     )
     _need(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    _need(cfg.epochs <= MAX_EPOCHS, "epochs", f"must be <= {MAX_EPOCHS}, got {cfg.epochs}")
     _need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
-    _need(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
+    _need(1 <= cfg.log_every <= MAX_COUNT, "log_every", f"must be in [1, {MAX_COUNT}], got {cfg.log_every}")
     _need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
 
 
 def _check_data(d: DataConfig) -> None:
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
+    for fld in ("batch_size", "eval_batch_size"):
+        value = getattr(d, fld)
+        _need(value >= 1, f"data.{fld}", f"must be >= 1, got {value}")
+        _need(value <= MAX_COUNT, f"data.{fld}", f"must be <= {MAX_COUNT}, got {value}")
     for fld in ("train_subset", "test_subset"):
         value = getattr(d, fld)
         _need(value is None or value >= 1, f"data.{fld}", f"must be >= 1 or null, got {value}")
+        _need(value is None or value <= MAX_COUNT, f"data.{fld}", f"must be <= {MAX_COUNT} or null, got {value}")
 
 
 def _check_optim(o: OptimConfig) -> None:
     _need(o.name in ("sgd", "adam", "adamw"), "optim.name", f"must be sgd, adam or adamw, got {o.name!r}")
     _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")
+    _need(
+        MIN_FLOAT32 <= o.lr <= MAX_LR,
+        "optim.lr",
+        f"must be in [{MIN_FLOAT32:.3g}, {MAX_LR:g}] (it becomes a float32 scalar on the weights), got {o.lr}",
+    )
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(
+        o.weight_decay <= MAX_LR,
+        "optim.weight_decay",
+        f"must be <= {MAX_LR:g} (it becomes a float32 scalar on the weights), got {o.weight_decay}",
+    )
     _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _need(
         o.schedule in ("constant", "cosine", "multistep"),
         "optim.schedule",
         f"must be constant, cosine or multistep, got {o.schedule!r}",
     )
-    _need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _need(
+        0 <= o.warmup_epochs <= MAX_EPOCHS,
+        "optim.warmup_epochs",
+        f"must be in [0, {MAX_EPOCHS}], got {o.warmup_epochs}",
+    )
     _need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", f"must be > 0 or null, got {o.grad_clip}")
+    _need(
+        o.grad_clip is None or MIN_FLOAT32 <= o.grad_clip <= MAX_FLOAT32,
+        "optim.grad_clip",
+        f"must be in [{MIN_FLOAT32:.3g}, {MAX_FLOAT32:.3g}] (a float32 norm), got {o.grad_clip}",
+    )
     _need(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
     _need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {list(o.betas)}")
-    _need(all(m >= 0 for m in o.milestones), "optim.milestones", f"must be epochs >= 0, got {o.milestones}")
+    _need(
+        all(0 <= m <= MAX_EPOCHS for m in o.milestones),
+        "optim.milestones",
+        f"must be epochs in [0, {MAX_EPOCHS}], got {o.milestones}",
+    )
 
 
 def _check_validate(v: ValidateConfig) -> None:
@@ -225,9 +264,9 @@ def _check_validate(v: ValidateConfig) -> None:
         "set a threat model (e.g. linf-0.1) for validate.attack / validate.certify",
     )
     _need(
-        v.max_examples is None or v.max_examples >= 1,
+        v.max_examples is None or 1 <= v.max_examples <= MAX_COUNT,
         "validate.max_examples",
-        f"must be >= 1 or null, got {v.max_examples}",
+        f"must be in [1, {MAX_COUNT}] or null, got {v.max_examples}",
     )
     # Found now rather than after the first training epoch, when validation would first use them.
     if v.attack is not None:

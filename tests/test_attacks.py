@@ -114,6 +114,9 @@ def test_threat_defaults_and_step_rule():
         ({"steps": 0}, "steps"),
         ({"steps": 2.5}, "steps"),
         ({"restarts": 0}, "restarts"),
+        ({"steps": 100_000_000_000}, "steps"),  # would run for ever
+        ({"steps": 10_001}, "steps"),
+        ({"restarts": 1_001}, "restarts"),
         ({"step_size": 0.0}, "step_size"),
         ({"step_size": -1.0}, "step_size"),
         ({"step_size": 0.2, "eps": 0.1}, "step_size"),
@@ -155,7 +158,7 @@ def test_threat_fuzz_only_config_errors(norm, eps, step_size, steps, restarts, r
     except ConfigError:
         return
     assert t.norm in ("linf", "l2") and t.eps >= 0 and math.isfinite(t.eps)
-    assert t.steps >= 1 and t.restarts >= 1 and t.alpha >= 0
+    assert 1 <= t.steps <= 10_000 and 1 <= t.restarts <= 1_000 and t.alpha >= 0
 
 
 @pytest.mark.parametrize("name", PRESETS.names())
@@ -211,6 +214,12 @@ def test_threat_parse_every_accepted_form():
 def test_threat_parse_failures_name_the_field(value, match):
     with pytest.raises(ConfigError, match=match):
         ThreatModel.parse(value, field="method.attack")
+
+
+def test_threat_budget_bounds_are_inclusive_and_named():
+    assert ThreatModel(steps=10_000, restarts=1_000).steps == 10_000
+    with pytest.raises(ConfigError, match=r"^method\.args\.threat: steps: must be <= 10000"):
+        ThreatModel.parse({"steps": 100_000_000_000}, field="method.args.threat")
 
 
 def test_threat_parse_default_field_name():

@@ -126,3 +126,52 @@ def test_check_compatible_is_the_one_teacher_student_rule():
         check_compatible({"input_shape": [3, 28, 28]}, student, what="pair")
     with pytest.raises(ConfigError, match=r"classes \(7 vs 10\); input shape"):
         check_compatible({"num_classes": 7, "input_shape": [3, 28, 28]}, student)
+
+
+def _edit_sidecar(path, **changes):
+    # The weights' hash is left as it is: the sidecar is trusted as the description of these weights.
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError("the model was built from the edited metadata")
+
+
+@pytest.mark.parametrize(
+    ("arch_args", "match"),
+    [
+        # Over the per-option bound: refused without even a meta build.
+        ({"width": 10_000_000}, r"arch_args width=10000000: model 'small_cnn': option width=10000000 is over"),
+        # Within it, but 7.5e9 parameters against the file's 0.4e6.
+        ({"width": 20_000}, r"does not match the architecture: wrong shapes .*width=20000 describes 7,451,121,420 par"),
+        # A plausible size that is simply not these weights.
+        ({"width": 33}, r"does not match the architecture: wrong shapes net\.0\.weight: file \(32, 1, 3, 3\)"),
+    ],
+)
+def test_edited_arch_args_are_refused_before_allocating(tmp_path, monkeypatch, arch_args, match):
+    import robustkd.checkpoint as checkpoint
+
+    save_checkpoint(tmp_path / "best", fmnist_model("small_cnn"), _meta("small_cnn"))
+    _edit_sidecar(tmp_path / "best.json", arch_args=arch_args)
+    monkeypatch.setattr(checkpoint, "create_model", _no_build)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path / "best")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("mean", [float("nan")], r"'mean' in the checkpoint metadata must be finite, got \[nan\]"),
+        ("mean", float("inf"), r"'mean' .* must be finite"),
+        ("std", [float("nan")], r"'std' .* must be finite"),
+        ("std", [0.0], r"'std' .* must be > 0, got \[0\.0\]"),
+        ("std", ["wide"], r"'std' .* must be numbers"),
+    ],
+)
+def test_sidecar_normalisation_must_be_finite(tmp_path, key, value, match):
+    save_checkpoint(tmp_path / "best", _model(), _meta())
+    _edit_sidecar(tmp_path / "best.json", **{key: value})
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path / "best")

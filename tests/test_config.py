@@ -1,9 +1,10 @@
 import pytest
+import torch
 import yaml
 
 from robustkd.attacks import ThreatModel
 from robustkd.config import TrainConfig, from_dict, to_dict, validate
-from robustkd.engine.optim import learning_rate
+from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.errors import ConfigError
 
 
@@ -36,11 +37,38 @@ def test_unknown_key_names_field_and_suggests():
         ({"validate": {"select": "robust"}}, "validate.select"),
         ({"validate": {"attack": "pgd10"}}, "validate.protocol"),
         ({"nonfinite": "ignore"}, "nonfinite"),
+        # Values that overflow (or vanish) as the optimiser's float32 scalars, or no run could mean.
+        ({"optim": {"lr": 1e300}}, "optim.lr"),
+        ({"optim": {"lr": 1e300, "name": "adam"}}, "optim.lr"),
+        ({"optim": {"lr": 1e38, "name": "adam"}}, "optim.lr"),
+        ({"optim": {"lr": 1e-300}}, "optim.lr"),
+        ({"optim": {"weight_decay": 1e300}}, "optim.weight_decay"),
+        ({"optim": {"grad_clip": 1e300}}, "optim.grad_clip"),
+        ({"optim": {"grad_clip": 1e-300}}, "optim.grad_clip"),
+        ({"optim": {"warmup_epochs": 1e300}}, "optim.warmup_epochs"),
+        ({"optim": {"milestones": [1e300]}}, "optim.milestones"),
+        ({"epochs": 10**30}, "epochs"),
+        ({"log_every": 2**63}, "log_every"),
+        ({"data": {"batch_size": 10**30}}, "data.batch_size"),
+        ({"data": {"eval_batch_size": 2**31}}, "data.eval_batch_size"),
+        ({"data": {"train_subset": 10**30}}, "data.train_subset"),
+        ({"data": {"test_subset": 10**30}}, "data.test_subset"),
+        ({"validate": {"max_examples": 10**30}}, "validate.max_examples"),
     ],
 )
 def test_validate_names_the_bad_field(change, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         validate(from_dict(change))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_largest_accepted_optimiser_numbers_step_without_overflow(name):
+    cfg = validate(from_dict({"optim": {"name": name, "lr": 1e6, "weight_decay": 1e6, "betas": [0.999999, 0.5]}}))
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = build_optimizer([param], cfg.optim)
+    for _ in range(3):
+        param.grad = torch.ones(3)
+        optimizer.step()  # may reach inf (the nonfinite guard's business), never an overflow error
 
 
 def test_yaml_tags_never_construct_objects(tmp_path):

@@ -304,6 +304,36 @@ def test_damaged_cache_entry_is_decoded_again(tmp_path):
     assert (entry / "train_images.npy").stat().st_size > 1000  # rewritten
 
 
+def test_empty_class_folder_added_after_caching_is_seen(tmp_path):
+    make_folder(tmp_path / "d")
+    cache_dir = tmp_path / "c"
+    data.load_dataset("imagefolder", tmp_path / "d", cache_dir=cache_dir)
+    # Added later: the cached entry must not be served for a folder the reader refuses when fresh.
+    (tmp_path / "d" / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"train/dog/ is empty"):
+        data.load_dataset("imagefolder", tmp_path / "d", cache_dir=cache_dir)
+
+
+def test_cache_key_covers_empty_folders(tmp_path):
+    make_folder(tmp_path / "d")
+    before = cache.fingerprint("imagefolder", [tmp_path / "d"])
+    (tmp_path / "d" / "test" / "extra").mkdir()
+    assert cache.fingerprint("imagefolder", [tmp_path / "d"]) != before
+
+
+def test_edited_cached_array_is_rebuilt(tmp_path):
+    make_idx(tmp_path / "d")
+    cache_dir = tmp_path / "c"
+    first = data.load_dataset("mnist", tmp_path / "d", cache_dir=cache_dir)
+    (entry,) = cache_dir.iterdir()
+    labels = np.load(entry / "test_labels.npy")
+    np.save(entry / "test_labels.npy", np.zeros_like(labels))  # same shape and dtype, wrong values
+    with pytest.warns(UserWarning, match="test_labels differ from the checksums"):
+        again = data.load_dataset("mnist", tmp_path / "d", cache_dir=cache_dir)
+    assert torch.equal(first.test.labels, again.test.labels)
+    assert np.array_equal(np.load(entry / "test_labels.npy"), labels)  # rewritten
+
+
 # --- CIFAR-10 -----------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from robustkd.models import (
     list_models,
     model_info,
     model_options,
+    model_shapes,
 )
 
 ARCHS = list_models(exclude="timm/*")
@@ -147,11 +148,52 @@ def test_normalize_defaults_to_identity_and_broadcasts_one_value():
         ({"std": [1.0, 0.0, 1.0]}, "std"),
         ({"num_classes": 0}, "num_classes"),
         ({"in_channels": 2.5}, "in_channels"),
+        ({"mean": [float("nan")]}, "mean"),
+        ({"std": [float("inf")]}, "std"),
     ],
 )
 def test_bad_common_arguments_raise_config_error(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         create_model("small_cnn", **kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_meta_shapes_are_the_built_models(arch):
+    shapes = model_shapes(arch, in_channels=1, input_size=28, **SMALL_OPTIONS.get(arch, {}))
+    built = build(arch, in_channels=1, input_size=28).state_dict()
+    assert shapes == {key: tuple(value.shape) for key, value in built.items()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "match"),
+    [
+        ("small_cnn", {"width": 10_000_000}, r"option width=10000000 is over 100,000"),
+        ("small_cnn", {"width": 20_000}, r"with width=20000 would hold 7,528,\d+,\d+ parameters"),
+        ("vit_tiny", {"depth": 100_000_000}, r"option depth=100000000 is over 1,000"),
+        ("mobilenet_v2", {"width_mult": 1e300}, r"cannot be built with width_mult=1e\+300"),
+        ("dm_large", {"linear_size": 99_999}, r"with linear_size=99999 would hold 3,2"),
+    ],
+)
+def test_absurd_options_are_refused_before_allocating(monkeypatch, arch, options, match):
+    def no_real_tensors(*args, **kwargs):
+        raise AssertionError("a real tensor was allocated")
+
+    # Every parameter starts as torch.empty: on the meta device that costs nothing, elsewhere it is refused here.
+    real_empty = torch.empty
+    monkeypatch.setattr(
+        torch,
+        "empty",
+        lambda *a, **k: real_empty(*a, **k) if torch.get_default_device().type == "meta" else no_real_tensors(),
+    )
+    with pytest.raises(ConfigError, match=rf"^model '{arch}'.*{match}"):
+        create_model(arch, **options)
+
+
+def test_normalize_refuses_non_finite_statistics():
+    with pytest.raises(ValueError, match="finite"):
+        Normalize([float("nan")], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        Normalize([0.0], [float("inf")])
 
 
 def test_none_options_are_dropped():

@@ -34,12 +34,21 @@ def _real(field: str, value: Any) -> float:
     return out
 
 
-def _integer(field: str, value: Any, minimum: int) -> int:
+# Upper bounds on the attack budget. The strongest published evaluations use a few hundred steps (APGD: 100,
+# PGD-1000 in sanity checks) and tens of restarts; a budget beyond these is a typo that would run for days
+# (steps x restarts forward-backward passes per batch), so it is refused rather than started.
+MAX_STEPS = 10_000
+MAX_RESTARTS = 1_000
+
+
+def _integer(field: str, value: Any, minimum: int, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{field}: expected an integer, got {value!r}")
     out = int(value)
     if out < minimum:
         raise ConfigError(f"{field}: must be >= {minimum}, got {out}")
+    if out > maximum:
+        raise ConfigError(f"{field}: must be <= {maximum} (an attack budget beyond that would not finish), got {out}")
     return out
 
 
@@ -76,8 +85,8 @@ class ThreatModel:
         # above 1 are common (MNIST L2 eps = 2) and only need to be finite.
         if norm == "linf" and eps > 1:
             raise ConfigError(f"eps: inputs live in [0, 1], so a Linf eps above 1 is meaningless, got {eps}")
-        steps = _integer("steps", self.steps, 1)
-        restarts = _integer("restarts", self.restarts, 1)
+        steps = _integer("steps", self.steps, 1, MAX_STEPS)
+        restarts = _integer("restarts", self.restarts, 1, MAX_RESTARTS)
         step_size = None
         if self.step_size is not None:
             step_size = _real("step_size", self.step_size)

@@ -1,8 +1,10 @@
 """Decode once, then load uint8 arrays from ``.npy`` files keyed by the source files' checksum.
 
-The key is the SHA-256 of every byte of the source files (or of every file under a source folder, with
-its relative path), plus the decoder's name and a format version. Hashing is fast (the 62 MB CIFAR-10 zip
-takes under 0.1 s) and, unlike size+mtime, survives copies and catches edits.
+The key is the SHA-256 of every byte of the source files (or of the full listing of a source folder: every
+folder, empty ones included, and every file with its relative path and bytes), plus the decoder's name and
+a format version. Hashing is fast (the 62 MB CIFAR-10 zip takes under 0.1 s) and, unlike size+mtime,
+survives copies and catches edits. Each cached array's SHA-256 is kept in the entry's ``meta.json`` and
+checked on load, so an array damaged or edited in the cache is decoded again instead of trusted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from robustkd.data.sources import default_cache_dir
 log = logging.getLogger("robustkd.data")
 
 # Bump when the decoded layout or the meta fields change, so old entries are ignored, not misread.
-CACHE_VERSION = 1
+# 2: folders in the key, checksums of the arrays in meta.json.
+CACHE_VERSION = 2
 ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")
 
 Arrays = dict[str, np.ndarray]
@@ -37,12 +40,21 @@ def fingerprint(kind: str, sources: Sequence[Path]) -> str:
     digest = hashlib.sha256(f"robustkd-data-v{CACHE_VERSION}\0{kind}\0".encode())
     for source in sources:
         if source.is_dir():
-            for path in sorted(p for p in source.rglob("*") if p.is_file()):
-                digest.update(path.relative_to(source).as_posix().encode() + b"\0")
-                _hash_into(digest, path)
+            _hash_folder(digest, source)
         else:
             _hash_into(digest, source)
     return digest.hexdigest()[:32]
+
+
+def _hash_folder(digest: Any, folder: Path) -> None:
+    # Folders count too: an empty class folder changes what the reader accepts.
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            digest.update(name.encode() + b"/\0")
+        elif path.is_file():
+            digest.update(name.encode() + b"\0")
+            _hash_into(digest, path)
 
 
 def _hash_into(digest: Any, path: Path) -> None:
@@ -79,15 +91,25 @@ def _read_entry(entry: Path) -> Decoded | None:
     try:
         meta = json.loads(meta_path.read_text())
         arrays = {name: np.load(entry / f"{name}.npy", allow_pickle=False) for name in ARRAY_NAMES}
-        shapes = meta.get("_shapes", {})
+        shapes, sums = meta.get("_shapes", {}), meta.get("_sha256", {})
         if any(list(arrays[name].shape) != shapes.get(name) for name in ARRAY_NAMES):
             raise ValueError("array shapes differ from meta.json")
+        changed = [name for name in ARRAY_NAMES if _array_sha256(arrays[name]) != sums.get(name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} differ from the checksums in meta.json")
     except (OSError, ValueError) as err:
         warnings.warn(f"ignoring a damaged data cache entry {entry} ({err}); decoding again", stacklevel=3)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     meta.pop("_shapes", None)
+    meta.pop("_sha256", None)
     return arrays, meta
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
 
 
 def _write_entry(entry: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
@@ -99,7 +121,11 @@ def _write_entry(entry: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
         for name in ARRAY_NAMES:
             with open(tmp / f"{name}.npy", "wb") as f:
                 np.save(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-        full_meta = {**meta, "_shapes": {name: list(arrays[name].shape) for name in ARRAY_NAMES}}
+        full_meta = {
+            **meta,
+            "_shapes": {name: list(arrays[name].shape) for name in ARRAY_NAMES},
+            "_sha256": {name: _array_sha256(arrays[name]) for name in ARRAY_NAMES},
+        }
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
         try:
             os.replace(tmp, entry)

@@ -17,6 +17,7 @@ from robustkd.models._factory import (
     list_models,
     model_info,
     model_options,
+    model_shapes,
     register_model,
 )
 from robustkd.models.layers import BOUNDABLE_TYPES, Normalize, Residual, is_boundable
@@ -33,5 +34,6 @@ __all__ = [
     "list_models",
     "model_info",
     "model_options",
+    "model_shapes",
     "register_model",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from robustkd.errors import ConfigError
 from robustkd.models.layers import Normalize
@@ -23,6 +26,15 @@ TIMM_PREFIX = "timm/"
 _COMMON_ARGS = ("num_classes", "in_channels", "input_size")
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
+
+# The largest model built: 1e9 parameters are 4 GB of float32 weights and about four times that to train
+# (gradients, optimiser state), while WRN-34-10, the largest usual teacher, has 46M. Arguments past it are a
+# typo or an edited sidecar, and building them would end in an out-of-memory crash instead of a message.
+MAX_PARAMETERS = 1_000_000_000
+# Integer architecture options are refused above these before even a build on the meta device, which
+# allocates no tensors but still creates a Python module per layer (a few milliseconds per ViT block).
+MAX_OPTION = 100_000
+MAX_DEPTH = 1_000  # options named ``depth``: layers, not channels
 
 
 @dataclass(frozen=True)
@@ -98,8 +110,50 @@ def create_model(
 
     ``mean``/``std`` default to 0/1 per channel (no normalisation); a single value applies to every
     channel. Options set to ``None`` are dropped so the architecture's defaults apply. ``timm/<name>``
-    builds a timm model when timm is installed (never downloading weights).
+    builds a timm model when timm is installed (never downloading weights). A registered architecture
+    is first built on the meta device and refused (``ConfigError``) when it would exceed
+    ``MAX_PARAMETERS``, so absurd options end in a message, not an out-of-memory crash.
     """
+    build = _builder(arch, num_classes, in_channels, input_size, mean, std, kwargs)
+    if not arch.startswith(TIMM_PREFIX):
+        shapes = _meta_shapes(arch, build, kwargs)
+        total = sum(math.prod(shape) for shape in shapes.values())
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"model {arch!r} with {_show_options(kwargs)} would hold {total:,} parameters "
+                f"({total * 4 / 2**30:,.1f} GiB in float32), more than the {MAX_PARAMETERS:,} allowed; "
+                "check the architecture's options"
+            )
+    return build()
+
+
+def model_shapes(
+    arch: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: Any,
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the state dict ``create_model`` would give, found on the meta device (nothing allocated)."""
+    if arch.startswith(TIMM_PREFIX):
+        raise ConfigError(f"model {arch!r}: shapes are known only for registered architectures, not timm ones")
+    build = _builder(arch, num_classes, in_channels, input_size, mean, std, kwargs)
+    return _meta_shapes(arch, build, kwargs)
+
+
+def _builder(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    kwargs: dict[str, Any],
+) -> Callable[[], nn.Module]:
+    """Check the arguments and return the function that builds the model (on the current default device)."""
     for field, value in (
         ("num_classes", num_classes),
         ("in_channels", in_channels),
@@ -116,18 +170,56 @@ def create_model(
     if arch.startswith(TIMM_PREFIX):
         from robustkd.models._timm_compat import create_timm_model
 
-        body = create_timm_model(
-            arch[len(TIMM_PREFIX) :],
-            num_classes=num_classes,
-            in_channels=in_channels,
-            input_size=input_size,
-            **options,
-        )
+        def body() -> nn.Module:
+            return create_timm_model(
+                arch[len(TIMM_PREFIX) :],
+                num_classes=num_classes,
+                in_channels=in_channels,
+                input_size=input_size,
+                **options,
+            )
     else:
         constructor = MODELS.get(arch)
         _check_options(arch, constructor, options)
-        body = constructor(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
-    return nn.Sequential(OrderedDict(normalize=Normalize(mean_values, std_values), net=body))
+        for key, value in options.items():
+            limit = MAX_DEPTH if key == "depth" else MAX_OPTION
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+                raise ConfigError(
+                    f"model {arch!r}: option {key}={value} is over {limit:,}; check the architecture's options"
+                )
+
+        def body() -> nn.Module:
+            return constructor(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
+
+    return lambda: nn.Sequential(OrderedDict(normalize=Normalize(mean_values, std_values), net=body()))
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Random initialisation as a no-op: meta tensors hold no values, and PyTorch's meta ``normal_`` goes
+    through a slow Python decomposition (seconds for a WRN)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in (torch.Tensor.normal_, torch.Tensor.uniform_):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_shapes(arch: str, build: Callable[[], nn.Module], kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    try:
+        with torch.device("meta"), _SkipRandomInit():
+            model = build()
+    except (RuntimeError, OverflowError, MemoryError, TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        # Sizes past what a tensor can describe, or options of the wrong type.
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"model {arch!r} cannot be built with {_show_options(kwargs)} ({reason})") from None
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _show_options(options: dict[str, Any]) -> str:
+    shown = ", ".join(f"{key}={value!r}" for key, value in options.items() if value is not None)
+    return shown or "its default options"
 
 
 def _per_channel(field: str, values: Sequence[float] | None, default: float, channels: int) -> list[float]:
@@ -136,6 +228,8 @@ def _per_channel(field: str, values: Sequence[float] | None, default: float, cha
     if isinstance(values, (int, float)):
         values = [values]
     values = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{field} must be finite numbers, got {values}")
     if len(values) == 1:
         return values * channels
     if len(values) != channels:

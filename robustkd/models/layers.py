@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,8 @@ class Normalize(nn.Module):
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if not all(math.isfinite(v) for v in (*mean, *std)):
+            raise ValueError(f"mean and std must be finite, got {list(mean)} and {list(std)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {list(std)}")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
