@@ -168,8 +168,9 @@ def test_a_lock_file_nobody_holds_is_taken_over(tmp_path, toy):
 
 
 def test_nonfinite_loss_before_any_checkpoint(tmp_path, toy):
+    # The largest rate config accepts (larger ones are refused before training) still diverges at once.
     with pytest.raises(RobustKDError, match=r"non-finite loss .* method 'standard'.*no checkpoint was written"):
-        robustkd.train(_cfg(tmp_path, epochs=1, optim={"lr": 1e30}))
+        robustkd.train(_cfg(tmp_path, epochs=1, optim={"lr": 1e6}))
 
 
 def _nan_in_epoch_2(monkeypatch):
