@@ -803,6 +803,9 @@ def test_load_dataset_downloads_when_absent(tmp_path, server, monkeypatch):
         data.load_dataset("mnist", tmp_path / "data")
     ds = data.load_dataset("mnist", tmp_path / "data", download=True)
     assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(r.filename for r in table)
+    from robustkd.io import FILE_MODE
+
+    assert all(p.stat().st_mode & 0o777 == FILE_MODE for p in (tmp_path / "data" / "mnist").iterdir())
     np.testing.assert_array_equal(ds.train.images[:, 0].numpy(), arrays["train_images"])
     # A tampered mirror: nothing is saved and the dataset stays missing.
     monkeypatch.setitem(sources.RESOURCES, "mnist", (sources.Resource(table[0].filename, table[0].urls, "f" * 64),))

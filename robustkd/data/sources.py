@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robustkd.errors import DataError
+from robustkd.io import FILE_MODE
 
 log = logging.getLogger("robustkd.data")
 
@@ -173,6 +174,7 @@ def fetch(resource: Resource, dest_dir: str | os.PathLike, *, timeout: float = 6
         tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
+            os.fchmod(fd, FILE_MODE)  # the user's umask, not mkstemp's 0600: a shared data folder stays shared
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
