@@ -176,10 +176,68 @@ def test_unknown_config_key_is_refused_with_a_suggestion(tmp_path, capsys):
     cfg = _config(tmp_path / "evaluate.yaml", model="runs/x/best", n_exmples=10)
     assert main(["evaluate", "--config", cfg]) == 2
     err = capsys.readouterr().err
-    assert "n_exmples" in err and "did you mean --n_examples" in err and "Traceback" not in err
+    assert f"{cfg}:2: unknown option 'n_exmples'; did you mean 'n_examples'?" in err and "Traceback" not in err
     cfg = _config(tmp_path / "train.yaml", optim={"lrr": 0.1})
     assert main(["train", "--config", cfg]) == 2
-    assert "did you mean --optim.lr" in capsys.readouterr().err
+    assert f"{cfg}:2: unknown option 'optim.lrr'; did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def _typo_file(path, key: str) -> str:
+    """A config file whose first key sits on line 3, written nested when the key is dotted."""
+    *groups, leaf = key.split(".")
+    lines = ["# a run", "", *("  " * depth + f"{group}:" for depth, group in enumerate(groups))]
+    path.write_text("\n".join([*lines, "  " * len(groups) + f"{leaf}: 1"]) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", [name for name in COMMANDS.names() if name != "list"])
+def test_a_config_key_typo_names_file_line_and_the_option(command, tmp_path, capsys):
+    """Every command's --config: a key one letter short of an option is refused at its line, with the option."""
+    from robustkd.cli.configfile import file_keys
+
+    keys = file_keys(COMMANDS.get(command).build("p"))
+    option = max(sorted(keys), key=lambda k: (k.count("."), len(k)))  # dotted where the command has nested keys
+    typo = option[:-1]
+    cfg = _typo_file(tmp_path / "run.yaml", typo)
+    line = 3 + typo.count(".")
+    assert main([command, "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:{line}: unknown option {typo!r}; did you mean {option!r}" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_issues_yaml_typo(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: quick\nseed: 0\nepoch: 5\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    assert f"{cfg}:3: unknown option 'epoch'; did you mean 'epochs'?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_mapping_value_is_not_taken_for_keys(tmp_path, capsys):
+    """validate.protocol and method.args take mappings as values: their keys are not options of the parser."""
+    from robustkd.cli.configfile import check_config_file
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("validate:\n  protocol: {eps: 0.1}\nmethod:\n  name: pgd_at\n  args:\n    threat: {eps: 0.1}\n")
+    check_config_file(str(cfg), COMMANDS.get("train").build("p"))
+
+
+def test_a_method_option_typo_in_a_file_names_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nmethod:\n  name: pgd_at\n  args:\n    thret: {eps: 0.1}\n")
+    argv = ["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:5: method.args.thret: method 'pgd_at' has no option 'thret'; did you mean 'threat'?" in err
+    # A value given on the command line has no file line to point at.
+    cfg.write_text("name: x\noptim:\n  lr: 0.1\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs"), "--optim.lr", "-2"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: must be" in err and str(cfg) not in err
+    cfg.write_text("name: x\noptim:\n  lr: -1\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    assert f"{cfg}:3: optim.lr: must be" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["model: [runs/x\n", "model: x\n  bad: indent\n", "- a list\n"])

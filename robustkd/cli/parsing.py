@@ -7,16 +7,15 @@ Every option is spelled as its key in the config file (``--n_examples``, ``--dat
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import itertools
 import re
 import sys
 import textwrap
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
+from robustkd.cli.configfile import check_config_file, close_matches
 from robustkd.errors import ConfigError
 
 
@@ -68,7 +67,7 @@ def parse(parser: Any, argv: Iterable[str], renamed: Mapping[str, str] | None = 
     known = options(parser)
     argv = _config_first(respell(list(argv), known, {**SHARED_RENAMED, **(renamed or {})}, parser.prog))
     for path in _config_files(argv):
-        check_config_file(path)
+        check_config_file(path, parser)
     try:
         return parser.parse_args(argv)
     except ArgumentError as err:
@@ -132,27 +131,6 @@ def _config_files(argv: list[str]) -> list[str]:
     return files + [token.split("=", 1)[1] for token in argv if token.startswith("--config=")]
 
 
-def check_config_file(path: str) -> None:
-    """A config file that cannot be read, is not YAML, or is not a mapping: one line naming the file.
-
-    ``safe_load`` also refuses tags that would construct Python objects."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: must hold a mapping of option names to values, not {type(data).__name__}")
-
-
 _UNKNOWN = (
     re.compile(r"Option '([\w.-]+)' is not accepted"),
     re.compile(r"Group '([\w.-]+)' does not accept option '([\w.-]+)'"),
@@ -171,11 +149,9 @@ def _unknown_names(message: str) -> list[str]:
 
 def _with_suggestions(message: str, known: set[str]) -> str:
     message = " ".join(message.split())  # one line, as every other error
-    accepted = sorted(o[2:] for o in known)
+    accepted = [o[2:] for o in known]
     for name in dict.fromkeys(_unknown_names(message)):
-        name = name.replace("-", "_")
-        close = [a for a in accepted if a.startswith(name)][:3]  # what prefix matching would have taken
-        close += [c for c in difflib.get_close_matches(name, accepted, n=3, cutoff=0.6) if c not in close]
+        close = close_matches(name.replace("-", "_"), accepted)  # first what prefix matching would have taken
         if close:
             message += f"; did you mean {', '.join('--' + c for c in close)}?"
     return message
