@@ -12,7 +12,7 @@ from robustkd.attacks import ATTACKS, PRESETS
 from robustkd.certify import VERIFIERS
 from robustkd.checkpoint import save_checkpoint
 from robustkd.cli import COMMANDS, main
-from robustkd.cli.parsing import SHARED_RENAMED, options, respell
+from robustkd.cli.parsing import SHARED_RENAMED, options, parse, respell
 from robustkd.methods import METHODS
 
 META = fmnist_meta()
@@ -386,3 +386,23 @@ def test_progress_is_spelled_as_train_spells_it(command, capsys):
         argv = respell([old, "--out", "x"], options(parser), {**SHARED_RENAMED, **entry.renamed}, parser.prog)
         assert argv == ["--progress", "false", "--out", "x"]
         assert capsys.readouterr().err == f"robustkd {command}: {old} is deprecated; use --progress false\n"
+
+
+@pytest.mark.parametrize("command", COMMANDS.names())
+def test_no_command_takes_an_abbreviated_option(command, tmp_path):
+    """Every option one letter short is refused, on the command line and as a key of a config file."""
+    from robustkd.cli.configfile import file_keys
+    from robustkd.errors import ConfigError
+
+    entry = COMMANDS.get(command)
+    parser = entry.build(f"robustkd {command}")
+    known = options(parser) | set(entry.renamed) | set(SHARED_RENAMED)
+    for key in sorted(file_keys(parser) & {o[2:] for o in options(parser)}):
+        short = f"--{key[:-1]}"
+        if short in known or short.replace("-", "_") in known or short == "--":
+            continue
+        with pytest.raises(ConfigError, match=f"unrecognized arguments: {re.escape(short)}(?![\\w.])"):
+            parse(parser, [short, "1"], entry.renamed)
+        cfg = _typo_file(tmp_path / "run.yaml", key[:-1])
+        with pytest.raises(ConfigError, match=f"unknown option '{re.escape(key[:-1])}'"):
+            parse(parser, ["--config", cfg], entry.renamed)
