@@ -406,3 +406,33 @@ def test_no_command_takes_an_abbreviated_option(command, tmp_path):
         cfg = _typo_file(tmp_path / "run.yaml", key[:-1])
         with pytest.raises(ConfigError, match=f"unknown option '{re.escape(key[:-1])}'"):
             parse(parser, ["--config", cfg], entry.renamed)
+
+
+def test_a_foreign_state_dict_is_refused_with_what_to_do(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"")
+    for argv, typed in [
+        (["evaluate", "--model", str(foreign)], "--model"),
+        (["certify", "--student", str(tmp_path / "s"), "--teacher", str(foreign), "--eps", "0.1"], "--teacher"),
+        (["export", str(foreign), "--onnx", str(tmp_path / "m.onnx")], "CKPT"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{typed} {foreign}: robustkd {argv[0]} reads robustkd checkpoints" in err
+        assert "load_model(" in err and "--teacher_arch" not in err and err.count("\n") == 1
+
+
+def test_a_missing_option_is_named_as_it_is_typed(capsys):
+    assert main(["certify"]) == 2
+    assert "the following arguments are required: --student, --eps" in capsys.readouterr().err
+
+
+def test_the_dataset_of_a_job_can_be_chosen(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(_save(tmp_path / "best")), "--attacks", "clean", "--n_examples", "4"]
+    assert main([*argv, "--data.dataset", "fashion-mnist", "--out", str(out), "--progress", "false"]) == 0
+    assert json.loads(out.read_text())["settings"]["n"] == 4
+    root = tmp_path / "empty"
+    root.mkdir()
+    assert main([*argv, "--data.dataset", "mnist", "--data.root", str(root), "--progress", "false"]) == 2
+    assert "mnist (IDX files) not found" in capsys.readouterr().err  # the choice reached the job

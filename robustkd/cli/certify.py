@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from robustkd.cli.api import certify_checkpoints
+from robustkd.cli.inputs import add_data_options, require_checkpoints
 from robustkd.cli.parsing import command_parser, number, numbers
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
@@ -39,13 +40,14 @@ def build(prog: str) -> Any:
     parser.add_argument("--n_examples", type=int, default=None, help="the first N test points only")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: cert_<ckpt>_<method>_<eps>.json beside it")
     parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
 def run(ns: Any) -> int:
+    require_checkpoints("certify", {"--student": ns.student, "--teacher": ns.teacher})
     result = certify_checkpoints(
         ns.student,
         ns.teacher,
@@ -57,6 +59,7 @@ def run(ns: Any) -> int:
         rho=tuple(ns.rho),
         device=ns.device,
         data_root=ns.data.root,
+        dataset=ns.data.dataset,
         out=ns.out,
         progress=ns.progress,
     )

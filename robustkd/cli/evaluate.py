@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import evaluate_checkpoint
+from robustkd.cli.inputs import add_data_options, require_checkpoints
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
@@ -37,13 +38,14 @@ def build(prog: str) -> Any:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: eval_<ckpt>_<protocol>.json beside it")
     parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
 def run(ns: Any) -> int:
+    require_checkpoints("evaluate", {"--model": ns.model})
     result = evaluate_checkpoint(
         ns.model,
         protocol=ns.protocol,
@@ -53,6 +55,7 @@ def run(ns: Any) -> int:
         seed=ns.seed,
         device=ns.device,
         data_root=ns.data.root,
+        dataset=ns.data.dataset,
         out=ns.out,
         progress=ns.progress,
     )

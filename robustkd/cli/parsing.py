@@ -149,6 +149,10 @@ def _unknown_names(message: str) -> list[str]:
 
 def _with_suggestions(message: str, known: set[str]) -> str:
     message = " ".join(message.split())  # one line, as every other error
+    head, required, names = message.partition("the following arguments are required: ")
+    if required:  # 'student, eps' -> '--student, --eps', as they are typed
+        spelled = [f"--{n}" if f"--{n}" in known else n.upper() for n in names.split(", ")]
+        message = head + required + ", ".join(spelled)
     accepted = [o[2:] for o in known]
     for name in dict.fromkeys(_unknown_names(message)):
         close = close_matches(name.replace("-", "_"), accepted)  # first what prefix matching would have taken
