@@ -436,3 +436,20 @@ def test_the_dataset_of_a_job_can_be_chosen(tmp_path, capsys):
     root.mkdir()
     assert main([*argv, "--data.dataset", "mnist", "--data.root", str(root), "--progress", "false"]) == 2
     assert "mnist (IDX files) not found" in capsys.readouterr().err  # the choice reached the job
+
+
+def test_certify_and_evaluate_print_readable_summaries(pair, tmp_path, capsys):
+    """Labelled lines with three or four decimals; the full structures stay in the JSON file."""
+    teacher, student = pair
+    out = tmp_path / "cert.json"
+    argv = ["certify", "--student", str(student), "--teacher", str(teacher), "--eps", "0.05", "--n_examples", "12"]
+    assert main([*argv, "--out", str(out), "--progress", "false"]) == 0
+    text = capsys.readouterr().out
+    assert "{" not in text and not re.search(r"\d\.\d{5,}", text), text
+    assert re.search(r"^\s+student\s+\d\.\d{3}\s+\d\.\d{3}$", text, re.M) and "certified gap bound" in text
+    assert "median" in json.dumps(json.loads(out.read_text())["teacher_correct"]["gap_upper"])
+    argv = ["evaluate", "--model", str(student), "--attacks", "clean,pgd2", "--n_examples", "8"]
+    assert main([*argv, "--out", str(tmp_path / "eval.json"), "--progress", "false"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^\s+worst case\s+\d\.\d{4}\s+\d\.\d{4}\s+\d+ / 8$", text, re.M), text
+    assert not set(text) & set("┃│━┡└"), text

@@ -6,6 +6,7 @@ from typing import Any
 
 from robustkd.cli.api import evaluate_checkpoint
 from robustkd.cli.inputs import add_data_options, require_checkpoints
+from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
@@ -64,19 +65,12 @@ def run(ns: Any) -> int:
 
 
 def print_robustness(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     settings = result["settings"]
     scope = "a subset of the test set" if settings.get("subset") else "the full test set"
     print(f"{result['model']['path']}: {settings.get('n')} test points ({scope}), protocol {settings['protocol']}")
-    table = Table()
-    for column in ("attack", "accuracy", "± stderr", "correct / total"):
-        table.add_column(column, justify="right" if column != "attack" else "left")
     rows = [*result["attacks"].items(), ("worst case", result["worst_case"])]
-    for name, row in rows:
-        table.add_row(name, f"{row['accuracy']:.4f}", f"{row['stderr']:.4f}", f"{row['correct']} / {row['total']}")
-    Console().print(table)
+    cells = [(name, num(r["accuracy"], 4), num(r["stderr"], 4), f"{r['correct']} / {r['total']}") for name, r in rows]
+    print(table(("attack", "accuracy", "± stderr", "correct / total"), cells))
     print(f"results: {result['output']}")
 
 
