@@ -72,3 +72,42 @@ def test_a_missing_dataset_says_what_to_pass(tmp_path, monkeypatch):
         assert "pass --data.root" in message and f"load_dataset({name!r}, download=True)" in message
         assert "(download=True)" not in message and str(nowhere) not in message and str(tmp_path / "root") in message
         assert set(FLAG.findall(message)) == {"data.root"}
+
+
+def _robustkd(*argv: str, cwd) -> tuple[int, str]:
+    """Runs ``python -m robustkd`` with both outputs going to a pipe and FORCE_COLOR set, as CI logs often have."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FORCE_COLOR": "1", "PYTHONPATH": str(PACKAGE.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "robustkd", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_no_terminal_codes_or_bars_in_a_pipe(tmp_path):
+    """A run and a refusal in mid-run, both into a pipe: plain text, one line per epoch, no bar dumped."""
+    run = ["train", "--data.dataset", "fashion-mnist", "--model.arch", "small_cnn", "--epochs", "2",
+           "--data.train_subset", "128", "--data.test_subset", "32", "--out_dir", str(tmp_path)]  # fmt: skip
+    status, text = _robustkd(*run, "--name", "ok", cwd=tmp_path)
+    assert status == 0, text
+    assert "\x1b" not in text and "━" not in text and "0:00:00" not in text, text
+    assert re.findall(r"^epoch (\d): train/loss", text, re.M) == ["1", "2"]
+    status, text = _robustkd(*run, "--name", "nan", "--optim.lr", "1e20", cwd=tmp_path)
+    assert status == 2 and "non-finite loss" in text, text
+    assert "\x1b" not in text and "━" not in text, text
+
+
+def test_no_bars_when_not_a_terminal(tmp_path, capsys):
+    from conftest import fmnist_meta, fmnist_model
+
+    from robustkd.checkpoint import save_checkpoint
+    from robustkd.cli import main
+
+    save_checkpoint(tmp_path / "best", fmnist_model(), fmnist_meta())
+    argv = ["evaluate", "--model", str(tmp_path / "best"), "--attacks", "clean,pgd2", "--n_examples", "8"]
+    assert main(argv) == 0  # --progress true by default; captured output is no terminal
+    captured = capsys.readouterr()
+    assert "━" not in captured.err + captured.out and "worst case" in captured.out
