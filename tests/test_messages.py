@@ -111,3 +111,27 @@ def test_no_bars_when_not_a_terminal(tmp_path, capsys):
     assert main(argv) == 0  # --progress true by default; captured output is no terminal
     captured = capsys.readouterr()
     assert "━" not in captured.err + captured.out and "worst case" in captured.out
+
+
+def test_quickstart_heads_each_stage_and_times_it(tmp_path, monkeypatch, capsys):
+    """[3/6] kdiga student, 4 epochs ... [3/6] kdiga done in 0.0 s; a finished run says it is reused."""
+    import robustkd.report
+    from robustkd import quickstart
+
+    trained = []
+    monkeypatch.setattr(
+        quickstart, "_train", lambda raw, out, teacher, progress: trained.append(raw) or out / raw["name"] / "best"
+    )
+    monkeypatch.setattr(robustkd.report, "make_report", lambda runs, out, **kw: {"models": [], "summary": {}})
+    (tmp_path / "kd").mkdir()
+    (tmp_path / "kd" / "results.json").write_text("{}")
+    result = quickstart.run(tmp_path, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/6] teacher (IBP, certifiable), 10 epochs"
+    assert lines[2] == "[2/6] kd student, 4 epochs (finished earlier: reused)"
+    assert lines[4:6] == ["[3/6] kdiga student, 4 epochs", "[3/6] kdiga done in 0.0 s"]
+    assert lines[-2:] == ["[6/6] report: 5 models on 500 test points", "[6/6] report done in 0.0 s"]
+    assert len(lines) == 12 and [raw["name"] for raw in trained] == ["teacher", *quickstart.STUDENTS]
+    assert set(result["seconds"]) == {"teacher", *quickstart.STUDENTS, "report", "total"}
+    quickstart.run(tmp_path, progress=False)
+    assert capsys.readouterr().out == ""
