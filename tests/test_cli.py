@@ -415,6 +415,7 @@ def test_a_foreign_state_dict_is_refused_with_what_to_do(tmp_path, capsys):
         (["evaluate", "--model", str(foreign)], "--model"),
         (["certify", "--student", str(tmp_path / "s"), "--teacher", str(foreign), "--eps", "0.1"], "--teacher"),
         (["export", str(foreign), "--onnx", str(tmp_path / "m.onnx")], "CKPT"),
+        (["report", str(tmp_path / "s"), "--teacher", str(foreign)], "--teacher"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err

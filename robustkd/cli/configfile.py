@@ -66,7 +66,8 @@ def check_config_file(path: str, parser: Any = None) -> None:
     keys = file_keys(parser) if parser is not None else set()
     if node is None or not keys:
         return
-    groups = {k.rsplit(".", 1)[0] for k in keys if "." in k}  # 'data' for --data.root, with or without --data
+    # 'data' for --data.root, whether or not the parser has a --data of its own
+    groups = {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 1)}
     for key, line in _keys(node, "", keys):
         if key not in keys and key not in groups:
             close = close_matches(key, keys)
