@@ -454,3 +454,12 @@ def test_certify_and_evaluate_print_readable_summaries(pair, tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"^\s+worst case\s+\d\.\d{4}\s+\d\.\d{4}\s+\d+ / 8$", text, re.M), text
     assert not set(text) & set("┃│━┡└"), text
+
+
+def test_a_key_typo_inside_a_threat_mapping_names_the_line(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nvalidate:\n  protocol: {eps: 0.1, stepz: 2}\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:3: validate.protocol.stepz: unknown option; did you mean 'steps'" in err
+    assert err.count("\n") == 1 and "Union" not in err

@@ -105,16 +105,17 @@ def _setting(path: str, dotted: str) -> tuple[int, Any] | None:
 _FIELD = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*): ")
 
 
-def locate(message: str, files: Iterable[str], values: dict[str, Any]) -> str:
+def locate(message: str, files: Iterable[str], values: dict[str, Any] | None = None) -> str:
     """``message`` prefixed with the file and line of the key it starts with, when that file's value is the
-    one in ``values`` (the resolved options; a command-line override has no line to point at)."""
+    one in ``values`` (the resolved options; a command-line override has no line to point at). Without
+    ``values`` (the parser refused before resolving), the last file that sets the key."""
     match = _FIELD.match(message)
     if match is None:
         return message
     dotted = match.group(1)
     for path in reversed(list(files)):  # the last file that sets a key is the one whose value was taken
         found = _setting(path, dotted)
-        if found is not None and _lookup(values, dotted) == found[1]:
+        if found is not None and (values is None or _lookup(values, dotted) == found[1]):
             return f"{path}:{found[0]}: {message}"
     return message
 

@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from robustkd.cli.configfile import check_config_file, close_matches
+from robustkd.cli.configfile import check_config_file, close_matches, locate
 from robustkd.errors import ConfigError
 
 
@@ -71,7 +71,8 @@ def parse(parser: Any, argv: Iterable[str], renamed: Mapping[str, str] | None = 
     try:
         return parser.parse_args(argv)
     except ArgumentError as err:
-        raise ConfigError(_with_suggestions(str(err), known)) from err
+        message = _class_option(str(err)) or _with_suggestions(str(err), known)
+        raise ConfigError(locate(message, _config_files(argv))) from err
 
 
 _parse = parse  # the name the config and fuzz tests import
@@ -145,6 +146,29 @@ def _unknown_names(message: str) -> list[str]:
     for pattern in _UNKNOWN:
         names += [".".join(m) if isinstance(m, tuple) else m for m in pattern.findall(message)]
     return names
+
+
+# jsonargparse's refusal of a mapping given to an option typed as a class (validate.protocol: {stepz: 2})
+_CLASS_OPTION = re.compile(r"Parser key \"([\w.]+)\".*?class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", re.S)
+
+
+def _class_option(message: str) -> str | None:
+    """``validate.protocol.stepz: unknown option; did you mean 'steps'?`` for a mapping's mistyped key."""
+    import dataclasses
+    import importlib
+
+    match = _CLASS_OPTION.search(message)
+    if match is None:
+        return None
+    key, class_path, name = match.groups()
+    module, _, cls = class_path.rpartition(".")
+    try:
+        fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls)) if f.init]
+    except (ImportError, AttributeError, TypeError):
+        fields = []
+    close = close_matches(name, fields)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"{key}.{name}: unknown option{hint} (options: {', '.join(fields) or 'none'})"
 
 
 def _with_suggestions(message: str, known: set[str]) -> str:
