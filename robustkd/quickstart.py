@@ -10,7 +10,8 @@ Every stage resumes: a finished run (``results.json`` present) is reused, an int
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,34 @@ def _train(raw: dict[str, Any], out: Path, teacher: Path | None, progress: bool)
     return train(cfg).best
 
 
+class _Clock:
+    seconds: float = 0.0
+
+
+class _Stages:
+    """Numbered stage headings, ``[3/6] kdiga student, 4 epochs``, each closed by its elapsed time (when shown)."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.show, self.done = total, show, 0
+
+    @contextmanager
+    def stage(self, title: str, name: str) -> Iterator[_Clock]:
+        self.done += 1
+        number = f"[{self.done}/{self.total}]"
+        if self.show:
+            print(f"{number} {title}", flush=True)
+        clock, t0 = _Clock(), time.perf_counter()
+        yield clock
+        clock.seconds = round(time.perf_counter() - t0, 1)
+        if self.show:
+            print(f"{number} {name} done in {_elapsed(clock.seconds)}", flush=True)
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
 def report_settings(plan: Plan) -> dict[str, Any]:
     return {
         "eps": plan.eps,
@@ -149,18 +178,20 @@ def run(
     out = Path(out)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    stages = _Stages(2 + len(methods), progress)
 
-    def timed(name: str, raw: dict[str, Any], teacher: Path | None) -> Path:
-        t0 = time.perf_counter()
-        path = _train({**raw, "device": device}, out, teacher, progress)
-        seconds[name] = round(time.perf_counter() - t0, 1)
+    def timed(name: str, raw: dict[str, Any], teacher: Path | None, title: str) -> Path:
+        reused = " (finished earlier: reused)" if (out / raw["name"] / "results.json").exists() else ""
+        with stages.stage(f"{title}, {raw['epochs']} epochs{reused}", name) as clock:
+            path = _train({**raw, "device": device}, out, teacher, progress)
+        seconds[name] = clock.seconds
         return path
 
-    teacher = timed("teacher", teacher_config(plan), None)
-    runs = [timed(m, student_config(m, plan), teacher).parent for m in methods]
-    t0 = time.perf_counter()
-    result = make_report(runs, out / "report", settings=report_settings(plan), device=device, progress=progress)
-    seconds["report"] = round(time.perf_counter() - t0, 1)
+    teacher = timed("teacher", teacher_config(plan), None, "teacher (IBP, certifiable)")
+    runs = [timed(m, student_config(m, plan), teacher, f"{m} student").parent for m in methods]
+    with stages.stage(f"report: {1 + len(methods)} models on {plan.n_eval} test points", "report") as clock:
+        result = make_report(runs, out / "report", settings=report_settings(plan), device=device, progress=progress)
+    seconds["report"] = clock.seconds
     result["runs"] = {"teacher": str(teacher.parent), **{m: str(r) for m, r in zip(methods, runs)}}
     result["seconds"] = {**seconds, "total": round(time.perf_counter() - started, 1)}
     result["plan"] = asdict(plan)

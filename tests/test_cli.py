@@ -12,7 +12,7 @@ from robustkd.attacks import ATTACKS, PRESETS
 from robustkd.certify import VERIFIERS
 from robustkd.checkpoint import save_checkpoint
 from robustkd.cli import COMMANDS, main
-from robustkd.cli.parsing import SHARED_RENAMED, options, respell
+from robustkd.cli.parsing import SHARED_RENAMED, options, parse, respell
 from robustkd.methods import METHODS
 
 META = fmnist_meta()
@@ -176,10 +176,68 @@ def test_unknown_config_key_is_refused_with_a_suggestion(tmp_path, capsys):
     cfg = _config(tmp_path / "evaluate.yaml", model="runs/x/best", n_exmples=10)
     assert main(["evaluate", "--config", cfg]) == 2
     err = capsys.readouterr().err
-    assert "n_exmples" in err and "did you mean --n_examples" in err and "Traceback" not in err
+    assert f"{cfg}:2: unknown option 'n_exmples'; did you mean 'n_examples'?" in err and "Traceback" not in err
     cfg = _config(tmp_path / "train.yaml", optim={"lrr": 0.1})
     assert main(["train", "--config", cfg]) == 2
-    assert "did you mean --optim.lr" in capsys.readouterr().err
+    assert f"{cfg}:2: unknown option 'optim.lrr'; did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def _typo_file(path, key: str) -> str:
+    """A config file whose first key sits on line 3, written nested when the key is dotted."""
+    *groups, leaf = key.split(".")
+    lines = ["# a run", "", *("  " * depth + f"{group}:" for depth, group in enumerate(groups))]
+    path.write_text("\n".join([*lines, "  " * len(groups) + f"{leaf}: 1"]) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", [name for name in COMMANDS.names() if name != "list"])
+def test_a_config_key_typo_names_file_line_and_the_option(command, tmp_path, capsys):
+    """Every command's --config: a key one letter short of an option is refused at its line, with the option."""
+    from robustkd.cli.configfile import file_keys
+
+    keys = file_keys(COMMANDS.get(command).build("p"))
+    option = max(sorted(keys), key=lambda k: (k.count("."), len(k)))  # dotted where the command has nested keys
+    typo = option[:-1]
+    cfg = _typo_file(tmp_path / "run.yaml", typo)
+    line = 3 + typo.count(".")
+    assert main([command, "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:{line}: unknown option {typo!r}; did you mean {option!r}" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_issues_yaml_typo(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: quick\nseed: 0\nepoch: 5\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    assert f"{cfg}:3: unknown option 'epoch'; did you mean 'epochs'?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_mapping_value_is_not_taken_for_keys(tmp_path, capsys):
+    """validate.protocol and method.args take mappings as values: their keys are not options of the parser."""
+    from robustkd.cli.configfile import check_config_file
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("validate:\n  protocol: {eps: 0.1}\nmethod:\n  name: pgd_at\n  args:\n    threat: {eps: 0.1}\n")
+    check_config_file(str(cfg), COMMANDS.get("train").build("p"))
+
+
+def test_a_method_option_typo_in_a_file_names_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nmethod:\n  name: pgd_at\n  args:\n    thret: {eps: 0.1}\n")
+    argv = ["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:5: method.args.thret: method 'pgd_at' has no option 'thret'; did you mean 'threat'?" in err
+    # A value given on the command line has no file line to point at.
+    cfg.write_text("name: x\noptim:\n  lr: 0.1\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs"), "--optim.lr", "-2"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: must be" in err and str(cfg) not in err
+    cfg.write_text("name: x\noptim:\n  lr: -1\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    assert f"{cfg}:3: optim.lr: must be" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["model: [runs/x\n", "model: x\n  bad: indent\n", "- a list\n"])
@@ -328,3 +386,80 @@ def test_progress_is_spelled_as_train_spells_it(command, capsys):
         argv = respell([old, "--out", "x"], options(parser), {**SHARED_RENAMED, **entry.renamed}, parser.prog)
         assert argv == ["--progress", "false", "--out", "x"]
         assert capsys.readouterr().err == f"robustkd {command}: {old} is deprecated; use --progress false\n"
+
+
+@pytest.mark.parametrize("command", COMMANDS.names())
+def test_no_command_takes_an_abbreviated_option(command, tmp_path):
+    """Every option one letter short is refused, on the command line and as a key of a config file."""
+    from robustkd.cli.configfile import file_keys
+    from robustkd.errors import ConfigError
+
+    entry = COMMANDS.get(command)
+    parser = entry.build(f"robustkd {command}")
+    known = options(parser) | set(entry.renamed) | set(SHARED_RENAMED)
+    for key in sorted(file_keys(parser) & {o[2:] for o in options(parser)}):
+        short = f"--{key[:-1]}"
+        if short in known or short.replace("-", "_") in known or short == "--":
+            continue
+        with pytest.raises(ConfigError, match=f"unrecognized arguments: {re.escape(short)}(?![\\w.])"):
+            parse(parser, [short, "1"], entry.renamed)
+        cfg = _typo_file(tmp_path / "run.yaml", key[:-1])
+        with pytest.raises(ConfigError, match=f"unknown option '{re.escape(key[:-1])}'"):
+            parse(parser, ["--config", cfg], entry.renamed)
+
+
+def test_a_foreign_state_dict_is_refused_with_what_to_do(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"")
+    for argv, typed in [
+        (["evaluate", "--model", str(foreign)], "--model"),
+        (["certify", "--student", str(tmp_path / "s"), "--teacher", str(foreign), "--eps", "0.1"], "--teacher"),
+        (["export", str(foreign), "--onnx", str(tmp_path / "m.onnx")], "CKPT"),
+        (["report", str(tmp_path / "s"), "--teacher", str(foreign)], "--teacher"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{typed} {foreign}: robustkd {argv[0]} reads robustkd checkpoints" in err
+        assert "load_model(" in err and "--teacher_arch" not in err and err.count("\n") == 1
+
+
+def test_a_missing_option_is_named_as_it_is_typed(capsys):
+    assert main(["certify"]) == 2
+    assert "the following arguments are required: --student, --eps" in capsys.readouterr().err
+
+
+def test_the_dataset_of_a_job_can_be_chosen(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(_save(tmp_path / "best")), "--attacks", "clean", "--n_examples", "4"]
+    assert main([*argv, "--data.dataset", "fashion-mnist", "--out", str(out), "--progress", "false"]) == 0
+    assert json.loads(out.read_text())["settings"]["n"] == 4
+    root = tmp_path / "empty"
+    root.mkdir()
+    assert main([*argv, "--data.dataset", "mnist", "--data.root", str(root), "--progress", "false"]) == 2
+    assert "mnist (IDX files) not found" in capsys.readouterr().err  # the choice reached the job
+
+
+def test_certify_and_evaluate_print_readable_summaries(pair, tmp_path, capsys):
+    """Labelled lines with three or four decimals; the full structures stay in the JSON file."""
+    teacher, student = pair
+    out = tmp_path / "cert.json"
+    argv = ["certify", "--student", str(student), "--teacher", str(teacher), "--eps", "0.05", "--n_examples", "12"]
+    assert main([*argv, "--out", str(out), "--progress", "false"]) == 0
+    text = capsys.readouterr().out
+    assert "{" not in text and not re.search(r"\d\.\d{5,}", text), text
+    assert re.search(r"^\s+student\s+\d\.\d{3}\s+\d\.\d{3}$", text, re.M) and "certified gap bound" in text
+    assert "median" in json.dumps(json.loads(out.read_text())["teacher_correct"]["gap_upper"])
+    argv = ["evaluate", "--model", str(student), "--attacks", "clean,pgd2", "--n_examples", "8"]
+    assert main([*argv, "--out", str(tmp_path / "eval.json"), "--progress", "false"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^\s+worst case\s+\d\.\d{4}\s+\d\.\d{4}\s+\d+ / 8$", text, re.M), text
+    assert not set(text) & set("┃│━┡└"), text
+
+
+def test_a_key_typo_inside_a_threat_mapping_names_the_line(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nvalidate:\n  protocol: {eps: 0.1, stepz: 2}\n")
+    assert main(["train", "--config", str(cfg), "--out_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:3: validate.protocol.stepz: unknown option; did you mean 'steps'" in err
+    assert err.count("\n") == 1 and "Union" not in err

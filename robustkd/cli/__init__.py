@@ -14,6 +14,7 @@ from typing import Any
 from robustkd.cli import certify, evaluate, export, listing, quickstart, report, train  # noqa: F401
 from robustkd.cli.parsing import _parse, parse
 from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.terminal import plain_unless_interactive
 from robustkd.cli.train import _train_parser
 from robustkd.errors import RobustKDError
 
@@ -49,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = COMMANDS.get(name)
     try:
-        return command.run(parse(command.build(f"robustkd {name}"), rest, command.renamed))
+        ns = parse(command.build(f"robustkd {name}"), rest, command.renamed)
+        with plain_unless_interactive():
+            return command.run(ns)
     except RobustKDError as err:
         print(f"robustkd {name}: error: {err}", file=sys.stderr)
         return 2

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from robustkd.cli.api import certify_checkpoints
+from robustkd.cli.inputs import add_data_options, require_checkpoints
+from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, number, numbers
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.terminal import interactive
 
 EXAMPLES = """examples:
   robustkd certify --student runs/kd/best --teacher runs/teacher/best --eps 0.05 --method crown-ibp
@@ -39,13 +41,14 @@ def build(prog: str) -> Any:
     parser.add_argument("--n_examples", type=int, default=None, help="the first N test points only")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: cert_<ckpt>_<method>_<eps>.json beside it")
     parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
 def run(ns: Any) -> int:
+    require_checkpoints("certify", {"--student": ns.student, "--teacher": ns.teacher})
     result = certify_checkpoints(
         ns.student,
         ns.teacher,
@@ -57,27 +60,36 @@ def run(ns: Any) -> int:
         rho=tuple(ns.rho),
         device=ns.device,
         data_root=ns.data.root,
+        dataset=ns.data.dataset,
         out=ns.out,
-        progress=ns.progress,
+        progress=ns.progress and interactive(),  # no bars in a log
     )
-    scope = "a subset of the test set" if result["subset"] else "the full test set"
-    print(f"{result['student_path']}: {result['n']} test points ({scope}), eps {ns.eps}, {ns.method}")
-    if ns.teacher is None:
-        print(f"clean accuracy {fmt(result['clean_accuracy'])}, certified accuracy {fmt(result['certified_accuracy'])}")
-    else:
-        p = result["teacher_correct"]
-        print(
-            f"teacher certified accuracy {fmt(result['teacher']['certified_accuracy'])}, "
-            f"student certified accuracy {fmt(result['student']['certified_accuracy'])}"
-        )
-        print(f"on the {p['n']} teacher-correct points: certified agreement {fmt(p['agreement_certified'])}")
-        print(f"certified gap bound: {json.dumps(p['gap_upper'])}")
-    print(f"results: {result['output']}")
+    print_certificates(result, ns.eps, ns.method)
     return 0
 
 
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def print_certificates(result: dict[str, Any], eps: float, method: str) -> None:
+    """A few labelled lines; every number, and the per-example detail, stays in the JSON file."""
+    scope = "a subset of the test set" if result["subset"] else "the full test set"
+    print(f"{result['student_path']}: {result['n']} test points ({scope}), Linf eps {eps:g}, {method} bounds")
+    if "teacher" not in result:
+        rows = [("student", num(result["clean_accuracy"]), num(result["certified_accuracy"]))]
+    else:
+        models = ("teacher", "student")
+        rows = [(m, num(result[m]["clean_accuracy"]), num(result[m]["certified_accuracy"])) for m in models]
+    print(table(("", "clean accuracy", "certified accuracy"), rows))
+    pair = result.get("teacher_correct")
+    if pair is not None:
+        print(f"on the {pair['n']} points the teacher gets right:")
+        print(f"  certified agreement       {num(pair['agreement_certified'])}")
+        gap = pair["gap_upper"]
+        print(
+            f"  certified gap bound       median {num(gap['median'])}, q90 {num(gap['q90'])}, "
+            f"max {num(gap['max'])}  (f_T^y - f_S^y; 1 is vacuous)"
+        )
+        shares = ", ".join(f"{num(v)} within {rho}" for rho, v in pair["faithful_certified"].items())
+        print(f"  certified faithful share  {shares}")
+    print(f"results: {result['output']}")
 
 
 COMMANDS.add("certify", Command("certified bounds for a model or a teacher-student pair", build, run, RENAMED))

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import evaluate_checkpoint
+from robustkd.cli.inputs import add_data_options, require_checkpoints
+from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.terminal import interactive
 
 EXAMPLES = """examples:
   robustkd evaluate --model runs/teacher/best --protocol linf-0.1
@@ -37,13 +40,14 @@ def build(prog: str) -> Any:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: eval_<ckpt>_<protocol>.json beside it")
     parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
 def run(ns: Any) -> int:
+    require_checkpoints("evaluate", {"--model": ns.model})
     result = evaluate_checkpoint(
         ns.model,
         protocol=ns.protocol,
@@ -53,27 +57,21 @@ def run(ns: Any) -> int:
         seed=ns.seed,
         device=ns.device,
         data_root=ns.data.root,
+        dataset=ns.data.dataset,
         out=ns.out,
-        progress=ns.progress,
+        progress=ns.progress and interactive(),  # no bars in a log
     )
     print_robustness(result)
     return 0
 
 
 def print_robustness(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     settings = result["settings"]
     scope = "a subset of the test set" if settings.get("subset") else "the full test set"
     print(f"{result['model']['path']}: {settings.get('n')} test points ({scope}), protocol {settings['protocol']}")
-    table = Table()
-    for column in ("attack", "accuracy", "± stderr", "correct / total"):
-        table.add_column(column, justify="right" if column != "attack" else "left")
     rows = [*result["attacks"].items(), ("worst case", result["worst_case"])]
-    for name, row in rows:
-        table.add_row(name, f"{row['accuracy']:.4f}", f"{row['stderr']:.4f}", f"{row['correct']} / {row['total']}")
-    Console().print(table)
+    cells = [(name, num(r["accuracy"], 4), num(r["stderr"], 4), f"{r['correct']} / {r['total']}") for name, r in rows]
+    print(table(("attack", "accuracy", "± stderr", "correct / total"), cells))
     print(f"results: {result['output']}")
 
 

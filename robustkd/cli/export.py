@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import export_onnx, export_options
+from robustkd.cli.inputs import add_data_options, require_checkpoints
 from robustkd.cli.parsing import command_parser, subset
 from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.terminal import interactive
 
 EXAMPLES = """examples:
   robustkd export runs/fmnist_kd/best --onnx student.onnx
@@ -44,12 +46,13 @@ def build(prog: str) -> Any:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset; null: 18 with dynamo, 17 with legacy")
     parser.add_argument("--logit_tolerance", type=float, default=logit_tolerance)
     parser.add_argument("--calibration_tolerance", type=float, default=calibration_tolerance)
-    parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")
+    add_data_options(parser)
     parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
     return parser
 
 
 def run(ns: Any) -> int:
+    require_checkpoints("export", {"CKPT": ns.checkpoint, "--teacher": ns.teacher})
     result = export_onnx(
         ns.checkpoint,
         ns.onnx,
@@ -61,7 +64,8 @@ def run(ns: Any) -> int:
         logit_tolerance=ns.logit_tolerance,
         calibration_tolerance=ns.calibration_tolerance,
         data_root=ns.data.root,
-        progress=ns.progress,
+        dataset=ns.data.dataset,
+        progress=ns.progress and interactive(),  # no bars in a log
     )
     scope = "a subset of the test set" if result["subset"] else "the full test set"
     print(f"{result['onnx']}: exported with the {result['exporter']} exporter, opset {result['opset']}")

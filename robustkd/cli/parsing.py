@@ -7,16 +7,15 @@ Every option is spelled as its key in the config file (``--n_examples``, ``--dat
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import itertools
 import re
 import sys
 import textwrap
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
+from robustkd.cli.configfile import check_config_file, close_matches, locate
 from robustkd.errors import ConfigError
 
 
@@ -68,11 +67,12 @@ def parse(parser: Any, argv: Iterable[str], renamed: Mapping[str, str] | None = 
     known = options(parser)
     argv = _config_first(respell(list(argv), known, {**SHARED_RENAMED, **(renamed or {})}, parser.prog))
     for path in _config_files(argv):
-        check_config_file(path)
+        check_config_file(path, parser)
     try:
         return parser.parse_args(argv)
     except ArgumentError as err:
-        raise ConfigError(_with_suggestions(str(err), known)) from err
+        message = _class_option(str(err)) or _with_suggestions(str(err), known)
+        raise ConfigError(locate(message, _config_files(argv))) from err
 
 
 _parse = parse  # the name the config and fuzz tests import
@@ -132,27 +132,6 @@ def _config_files(argv: list[str]) -> list[str]:
     return files + [token.split("=", 1)[1] for token in argv if token.startswith("--config=")]
 
 
-def check_config_file(path: str) -> None:
-    """A config file that cannot be read, is not YAML, or is not a mapping: one line naming the file.
-
-    ``safe_load`` also refuses tags that would construct Python objects."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: must hold a mapping of option names to values, not {type(data).__name__}")
-
-
 _UNKNOWN = (
     re.compile(r"Option '([\w.-]+)' is not accepted"),
     re.compile(r"Group '([\w.-]+)' does not accept option '([\w.-]+)'"),
@@ -169,13 +148,38 @@ def _unknown_names(message: str) -> list[str]:
     return names
 
 
+# jsonargparse's refusal of a mapping given to an option typed as a class (validate.protocol: {stepz: 2})
+_CLASS_OPTION = re.compile(r"Parser key \"([\w.]+)\".*?class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", re.S)
+
+
+def _class_option(message: str) -> str | None:
+    """``validate.protocol.stepz: unknown option; did you mean 'steps'?`` for a mapping's mistyped key."""
+    import dataclasses
+    import importlib
+
+    match = _CLASS_OPTION.search(message)
+    if match is None:
+        return None
+    key, class_path, name = match.groups()
+    module, _, cls = class_path.rpartition(".")
+    try:
+        fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls)) if f.init]
+    except (ImportError, AttributeError, TypeError):
+        fields = []
+    close = close_matches(name, fields)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"{key}.{name}: unknown option{hint} (options: {', '.join(fields) or 'none'})"
+
+
 def _with_suggestions(message: str, known: set[str]) -> str:
     message = " ".join(message.split())  # one line, as every other error
-    accepted = sorted(o[2:] for o in known)
+    head, required, names = message.partition("the following arguments are required: ")
+    if required:  # 'student, eps' -> '--student, --eps', as they are typed
+        spelled = [f"--{n}" if f"--{n}" in known else n.upper() for n in names.split(", ")]
+        message = head + required + ", ".join(spelled)
+    accepted = [o[2:] for o in known]
     for name in dict.fromkeys(_unknown_names(message)):
-        name = name.replace("-", "_")
-        close = [a for a in accepted if a.startswith(name)][:3]  # what prefix matching would have taken
-        close += [c for c in difflib.get_close_matches(name, accepted, n=3, cutoff=0.6) if c not in close]
+        close = close_matches(name.replace("-", "_"), accepted)  # first what prefix matching would have taken
         if close:
             message += f"; did you mean {', '.join('--' + c for c in close)}?"
     return message

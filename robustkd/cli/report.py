@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustkd.cli.inputs import require_checkpoints
 from robustkd.cli.parsing import command_parser, names, number, numbers, subset, threshold
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
@@ -75,6 +76,7 @@ def _evaluated(group: Any, s: Any) -> None:
 def run(ns: Any) -> int:
     from robustkd.report import ReportSettings, Thresholds, make_report
 
+    require_checkpoints("report", {"--teacher": ns.teacher})
     settings = ReportSettings(
         eps=ns.eps,
         eps_sweep=None if ns.eps_sweep is None else tuple(ns.eps_sweep),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from robustkd.cli.configfile import locate
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
-from robustkd.errors import RobustKDError
+from robustkd.errors import ConfigError, RobustKDError
 
 TRAIN_EXAMPLES = """examples:
   robustkd train --config configs/fmnist/standard.yaml
@@ -71,10 +72,16 @@ def _run(args: Any, require_teacher: bool) -> int:
     raw.pop("__path__", None)
     if isinstance(raw.get("method"), dict) and isinstance(raw["method"].get("args"), dict):
         raw["method"]["args"] = _method_args(files, raw["method"]["args"])
-    cfg = from_dict(raw)
-    if require_teacher and cfg.teacher is None:
-        raise RobustKDError("distill needs --teacher PATH (a robustkd checkpoint, or a .pt with --teacher_arch)")
-    result = train(cfg)
+    try:
+        cfg = from_dict(raw)
+        if require_teacher and cfg.teacher is None:
+            raise RobustKDError("distill needs --teacher PATH (a robustkd checkpoint, or a .pt with --teacher_arch)")
+        result = train(cfg)
+    except ConfigError as err:  # a value from a config file: name the file and line (method.args.stepz: ...)
+        located = locate(str(err), files, raw)
+        if located == str(err):
+            raise
+        raise ConfigError(located) from err
     print(f"run: {result.run_dir}")
     print(f"best checkpoint: {result.best}")
     subset = f" (subset of {result.test['n']} points)" if result.test.get("subset") else ""

@@ -200,7 +200,8 @@ def _load_idx_dataset(
                 [f"{stem}[.gz]" for stem in IDX_FILES.values()],
                 bases,
                 f"{_INSTALL_HINTS.get(name, '')}pass --data.root (or set $ROBUSTKD_DATA) to a folder "
-                "holding the four files, or allow downloads (download=True).",
+                "holding the four files, or download them from Python: "
+                f"robustkd.data.load_dataset({name!r}, download=True).",
             )
         )
     folder = files["train_images"].parent
@@ -267,9 +268,11 @@ def _load_cifar10(
             missing_message(
                 "CIFAR-10",
                 [cifar.ARCHIVE_NAME, f"{cifar.FOLDER_NAME}/", CIFAR_JPEG_ZIP],
-                bases,
+                # the project's shared folder is worth naming only where it exists
+                [b for b in bases if b.exists() or b not in sources.shared_data_dirs()],
                 "pass --data.root (or set $ROBUSTKD_DATA) to a folder holding cifar-10-binary.tar.gz from "
-                "https://www.cs.toronto.edu/~kriz/cifar.html, or allow downloads (download=True).",
+                "https://www.cs.toronto.edu/~kriz/cifar.html, or download it from Python: "
+                "robustkd.data.load_dataset('cifar10', download=True).",
             )
         )
     kind, path = found

@@ -89,7 +89,7 @@ def choose_dataset(
     if mine and theirs and mine != theirs:
         raise ConfigError(
             f"dataset: the teacher was trained on {theirs!r} but the student on {mine!r}; "
-            "pass --dataset to choose the test split"
+            "pass --data.dataset to choose the test split"
         )
     return mine or theirs
 
@@ -99,7 +99,7 @@ def load_test_points(
 ) -> tuple[Tensor, Tensor, int, str]:
     """The first ``n_examples`` test points (all when None) of the dataset ``meta`` names, images in [0, 1]."""
     if not meta.get("dataset"):
-        raise ConfigError("dataset: the checkpoint does not name its dataset; pass --dataset")
+        raise ConfigError("dataset: the checkpoint does not name its dataset; pass --data.dataset")
     if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1):
         raise ConfigError(f"n_examples: must be an integer >= 1, got {n_examples!r}")
     data = load_dataset(meta["dataset"], data_root)
