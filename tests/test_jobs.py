@@ -123,7 +123,7 @@ def test_disagreeing_datasets_need_an_explicit_choice(ckpts):
 
 
 def test_a_checkpoint_that_names_no_dataset_needs_one(tmp_path):
-    with pytest.raises(ConfigError, match="^dataset: the checkpoint does not name its dataset; pass --dataset"):
+    with pytest.raises(ConfigError, match="^dataset: the checkpoint does not name its dataset; pass --data.dataset"):
         chain.load_test_points({"arch": "dm_small"}, 4)
     with pytest.raises(ConfigError, match="^n_examples: must be an integer >= 1"):
         chain.load_test_points({"dataset": "fashion-mnist"}, 0)

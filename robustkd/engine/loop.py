@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -121,7 +122,8 @@ class _Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.bar = None
-        if enabled:
+        # Off a terminal the per-epoch lines are the progress; a bar would only dump its last frame into the log.
+        if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(

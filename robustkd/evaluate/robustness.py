@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -409,7 +410,8 @@ class _NoBar:
 
 def progress_bar(enabled: bool):
     """A rich progress bar on stderr, or a stand-in that yields None when ``enabled`` is False."""
-    if not enabled:
+    # Off a terminal (a log, a pipe) a bar would only leave its final frame behind: show none.
+    if not enabled or not sys.stderr.isatty():
         return _NoBar()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
