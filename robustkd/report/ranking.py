@@ -74,7 +74,7 @@ def miss_text(check: Mapping[str, Any]) -> str:
         return f"{label} not measured (threshold {threshold:g})"
     value = check["value"]
     if check["rule"] == "<=":
-        return f"{label} {value:.4g} > {threshold:g} (+{value - threshold:.4g})"
+        return f"{label} {value:.4g} > {threshold:g} (+{value - threshold:.2g})"
     return f"{label} {value:.4g} < {threshold:g} (-{threshold - value:.4g})"
 
 
