@@ -147,6 +147,19 @@ def configs_of(*methods: str) -> list[str]:
     return [path for path in SHIPPED_CONFIGS if yaml.safe_load((REPO / path).read_text())["method"]["name"] in methods]
 
 
+def shipped_config(path: str):
+    """A shipped config (path relative to the repository), validated, and its method built: ``(cfg, method)``.
+
+    Every shipped config starts with a comment line saying what it reproduces."""
+    from robustkd.config import from_dict, validate
+    from robustkd.methods import build_method
+
+    text = (REPO / path).read_text()
+    assert text.startswith("#"), "the first line says what the config reproduces"
+    cfg = validate(from_dict(yaml.safe_load(text)))
+    return cfg, build_method(cfg.method.name, cfg.method.args)
+
+
 # --- checkpoints: an untrained Fashion-MNIST network and the sidecar robustkd writes for it
 FMNIST_MEAN, FMNIST_STD = [0.286], [0.353]
 

@@ -13,14 +13,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from conftest import REPO, configs_of
+from conftest import configs_of, shipped_config
 from torch import nn
 
 import robustkd.methods.common as certified
 from robustkd.certify import UnsupportedModelError, margin_bounds
 from robustkd.certify.bounds import Verifier
-from robustkd.config import from_dict, validate
 from robustkd.errors import ConfigError
 from robustkd.methods import METHODS, Batch, StepInfo, build_method
 from robustkd.methods.common import ramp_fraction
@@ -657,10 +655,7 @@ def test_config_loads_validates_and_builds(path: str) -> None:
     from robustkd.attacks import ThreatModel, get_attack
     from robustkd.models import list_models, model_info
 
-    text = (REPO / path).read_text()
-    assert text.startswith("#"), "the first line says what the config reproduces"
-    cfg = validate(from_dict(yaml.safe_load(text)))
-    method = build_method(cfg.method.name, cfg.method.args)
+    cfg, method = shipped_config(path)
     assert cfg.method.name in NAMES
     assert cfg.model.arch in list_models() and model_info(cfg.model.arch).boundable
     if method.needs_teacher:  # faithful: robust validation, the last epoch kept

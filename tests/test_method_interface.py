@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import (
     FAST_ARGS,
     INFO,
@@ -20,6 +19,7 @@ from conftest import (
     SHIPPED_CONFIGS,
     ForwardCounter,
     configs_of,
+    shipped_config,
     tiny_pair,
 )
 from torch import nn
@@ -340,14 +340,10 @@ CONFIGS = configs_of(*NAMES)
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_loads_and_names_a_valid_method(path: str) -> None:
     from robustkd.attacks import ThreatModel, get_attack
-    from robustkd.config import from_dict, validate
     from robustkd.data.augment import AUGMENTS
     from robustkd.models import list_models
 
-    text = (REPO / path).read_text()
-    assert text.startswith("#"), "the first line says what the config reproduces"
-    cfg = validate(from_dict(yaml.safe_load(text)))
-    method = build_method(cfg.method.name, cfg.method.args)
+    cfg, method = shipped_config(path)
     assert cfg.method.name in NAMES
     assert cfg.model.arch in list_models()
     if cfg.data.augment is not None:
