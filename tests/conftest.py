@@ -177,3 +177,42 @@ def fmnist_meta(arch: str = "dm_small", arch_args: dict | None = None, **extra) 
     """The checkpoint sidecar of such a network (``extra`` adds or replaces keys: method, config, mean, ...)."""
     meta = {"arch": arch, "arch_args": dict(arch_args or {}), "num_classes": 10, "input_shape": [1, 28, 28]}
     return {**meta, "mean": FMNIST_MEAN, "std": FMNIST_STD, "dataset": "fashion-mnist", **extra}
+
+
+# --- host synchronisation: every way of reading a tensor back to the host made to raise
+class HostSync(AssertionError):
+    """A call that reads a device value back to the host (a device synchronisation on an accelerator)."""
+
+
+def _has_mask(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make every way of reading a tensor back to the host raise HostSync (undo with monkeypatch.undo())."""
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            raise HostSync(what)
+
+        return call
+
+    for name in ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    monkeypatch.setattr(torch, "nonzero", refuse("torch.nonzero"))
+    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def getitem(self, index):
+        if _has_mask(index):
+            raise HostSync("boolean-mask indexing")
+        return get(self, index)
+
+    def setitem(self, index, value):
+        if _has_mask(index):
+            raise HostSync("boolean-mask assignment")
+        return put(self, index, value)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)

@@ -10,6 +10,7 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 import torch
+from conftest import HostSync
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -784,44 +785,6 @@ def test_pgd_is_perturb_without_search(objective, threat, mode):
     if make_objective(objective).success(z, labels, teacher_logits=z, reference=z.softmax(1)) is None:
         # Nothing can freeze without a success criterion: early stop changes nothing.
         assert torch.equal(flat, run(perturb, early_stop=True, track_best=False))
-
-
-class HostSync(AssertionError):
-    """A call that reads a device value back to the host (a device synchronisation on an accelerator)."""
-
-
-def _has_mask(index) -> bool:
-    items = index if isinstance(index, tuple) else (index,)
-    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Make every way of reading a tensor back to the host raise HostSync (undo with monkeypatch.undo())."""
-
-    def refuse(what):
-        def call(*args, **kwargs):
-            raise HostSync(what)
-
-        return call
-
-    for name in ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
-    monkeypatch.setattr(torch, "nonzero", refuse("torch.nonzero"))
-    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
-
-    def getitem(self, index):
-        if _has_mask(index):
-            raise HostSync("boolean-mask indexing")
-        return get(self, index)
-
-    def setitem(self, index, value):
-        if _has_mask(index):
-            raise HostSync("boolean-mask assignment")
-        return put(self, index, value)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
-    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
 
 
 def test_the_sync_harness_catches_syncs(no_host_sync):

@@ -28,7 +28,7 @@ import robustkd.methods
 from robustkd.attacks import ThreatModel
 from robustkd.config import load_config
 from robustkd.errors import ConfigError
-from robustkd.methods import METHODS, Batch, Method, build_method
+from robustkd.methods import METHODS, Batch, Method, StepInfo, build_method
 from robustkd.methods.base import DeprecatedOptionWarning
 from robustkd.methods.losses import Term, weighted_sum
 
@@ -355,3 +355,28 @@ def test_config_loads_and_names_a_valid_method(path: str) -> None:
         # Training attacks use the evaluation protocol's ball.
         assert method.threat.eps == pytest.approx(protocol.eps)
     assert method.needs_teacher == ("teacher" not in Path(path).stem)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_a_training_step_reads_nothing_back_from_the_device(name: str, monkeypatch, request) -> None:
+    # Every host read (item, tolist, bool, nonzero, mask indexing) stalls an accelerator's queue and rules out
+    # graph capture. The first step may check what it must once (that the model can be bounded); later steps
+    # — the method's step, the backward and the optimiser update — read nothing back.
+    student, teacher = _boundable_pair()
+    batch = Batch(torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,)))
+    method = build_method(name, {})
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    teacher = teacher if method.needs_teacher else None
+
+    def step(index: int) -> torch.Tensor:
+        out = method(student, teacher, batch, StepInfo(1, index, 3, 20))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        return out.loss.detach()
+
+    step(20)
+    request.getfixturevalue("no_host_sync")
+    losses = [step(21), step(30)]  # inside the eps ramp and the late-starting terms
+    monkeypatch.undo()
+    assert all(torch.isfinite(loss) for loss in losses)

@@ -16,6 +16,8 @@ Verifiers (``VERIFIERS``, a closed list):
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +102,32 @@ def get_verifier(method: str) -> Verifier:
     return VERIFIERS.get(method)
 
 
-def input_box(x: Tensor, eps: float | Tensor) -> Box:
-    """``Ball_inf(x, eps) ∩ [0, 1]^d`` as a box; ``eps`` is a number, a scalar tensor or one per example."""
+def input_box(x: Tensor, eps: float | Tensor, *, check_range: bool = True) -> Box:
+    """``Ball_inf(x, eps) ∩ [0, 1]^d`` as a box; ``eps`` is a number, a scalar tensor or one per example.
+
+    A plain-number eps is checked on the host; a tensor eps and the [0, 1] range of ``x`` are read back from
+    the device. Training passes ``check_range=False`` (its batches come from uint8 images, in range by
+    construction), so a training step with a number eps reads nothing back."""
     if not torch.is_floating_point(x):
         raise ConfigError(f"inputs must be float images in [0, 1], got dtype {x.dtype}")
     if x.dim() < 2:
         raise ConfigError(f"inputs must be batched (B, ...), got shape {tuple(x.shape)}")
+    eps_t = _eps_tensor(x, eps)
+    # A point outside [0, 1] means the caller normalised the data: the box would not be the intended one.
+    if check_range and x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        raise ConfigError(
+            f"inputs must lie in [0, 1] (got range [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
+            "normalisation belongs inside the model (robustkd.models.layers.Normalize)"
+        )
+    return (x - eps_t).clamp(0, 1), (x + eps_t).clamp(0, 1)
+
+
+def _eps_tensor(x: Tensor, eps: float | Tensor) -> Tensor:
+    """eps checked (finite, >= 0) and shaped to broadcast against ``x``; a number is checked without a sync."""
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ConfigError(f"eps must be finite and >= 0, got {eps}")
+        return torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if eps_t.dim() == 1 and eps_t.shape[0] == x.shape[0]:
         eps_t = eps_t.view(-1, *([1] * (x.dim() - 1)))
@@ -115,13 +137,7 @@ def input_box(x: Tensor, eps: float | Tensor) -> Box:
         )
     if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
         raise ConfigError(f"eps must be finite and >= 0, got {eps}")
-    # A point outside [0, 1] means the caller normalised the data: the box would not be the intended one.
-    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-        raise ConfigError(
-            f"inputs must lie in [0, 1] (got range [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
-            "normalisation belongs inside the model (robustkd.models.layers.Normalize)"
-        )
-    return (x - eps_t).clamp(0, 1), (x + eps_t).clamp(0, 1)
+    return eps_t
 
 
 def _check_spec(C: Tensor | None, x: Tensor) -> None:
@@ -140,6 +156,7 @@ def interval_bounds(
     C: Tensor | None = None,
     bound_lower: bool = True,
     bound_upper: bool = True,
+    check_range: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds of ``C @ model(x')`` (of the logits when ``C`` is None) for every ``x'`` in
     ``Ball_inf(x, eps) ∩ [0, 1]^d``.
@@ -148,10 +165,11 @@ def interval_bounds(
     may be one value per example. The model must be in eval mode wherever it has BatchNorm. Gradients
     flow through the bounds (IBP / CROWN-IBP training). ``bound_lower=False`` or ``bound_upper=False``
     skips that side of the backward pass of the CROWN methods; the side skipped is then the IBP bound.
+    ``check_range=False`` skips the [0, 1] check of x (see :func:`input_box`).
     """
     verifier = get_verifier(method)
     _check_spec(C, x)
-    x_lower, x_upper = input_box(x, eps)
+    x_lower, x_upper = input_box(x, eps, check_range=check_range)
     if C is not None:
         C = C.to(dtype=x.dtype)
     return verifier.bounds(model, x_lower, x_upper, C, bound_lower, bound_upper)

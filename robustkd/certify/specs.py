@@ -8,9 +8,9 @@ from torch import Tensor
 
 def other_classes(y: Tensor, num_classes: int) -> Tensor:
     """``(B, K-1)`` class indices j != y_i in increasing order: the column order of every margin tensor."""
-    classes = torch.arange(num_classes, device=y.device)
-    mask = classes.unsqueeze(0) != y.unsqueeze(1)
-    return classes.expand(y.shape[0], num_classes)[mask].view(y.shape[0], num_classes - 1)
+    # Column j is class j below y_i and j + 1 from y_i on: no boolean mask, so nothing is read back from the device.
+    columns = torch.arange(num_classes - 1, device=y.device).unsqueeze(0)
+    return columns + (columns >= y.unsqueeze(1)).long()
 
 
 def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

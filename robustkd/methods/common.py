@@ -220,7 +220,7 @@ def margin_upper_bounds(
         raise AssertionError("CROWN-IBP is expected to keep the IBP bounds of the hidden layers")
     with torch.autocast(device_type=x.device.type, enabled=False):
         C = margin_spec(y, num_classes, dtype=x.dtype)
-        state = crown_ibp.state(model, *input_box(x, eps))
+        state = crown_ibp.state(model, *input_box(x, eps, check_range=False))  # batches are in [0, 1] by construction
         _, u_ibp = ibp.spec_bounds(state, C)
         if beta <= 0:
             return MarginBounds(u_ibp, u_ibp)

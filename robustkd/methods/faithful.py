@@ -61,7 +61,7 @@ def teacher_margin_lower(teacher: nn.Module, x: Tensor, y: Tensor, eps: float, m
     """
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         C = margin_spec(y, num_classes, dtype=x.dtype)
-        lower, _ = interval_bounds(teacher, x, eps, method=method, C=C, bound_upper=False)
+        lower, _ = interval_bounds(teacher, x, eps, method=method, C=C, bound_upper=False, check_range=False)
     return lower
 
 
