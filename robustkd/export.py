@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.evaluate.faithfulness import evaluate_faithfulness
-from robustkd.evaluate.robustness import progress_bar
 from robustkd.io import atomic_write_bytes
+from robustkd.runtime import progress_bar
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 DEFAULT_OPSET = {"dynamo": 18, "legacy": 17}

@@ -1,4 +1,4 @@
-"""Where work runs and how it is seeded: device resolution, seeds, and freezing a teacher.
+"""Where work runs and how it is seeded: device resolution, seeds, freezing a teacher, and progress bars.
 
 Neutral ground below every layer: the engine, the jobs and the maths packages all use it, and it imports
 nothing of robustkd but its errors.
@@ -6,7 +6,10 @@ nothing of robustkd but its errors.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,3 +53,36 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def interactive() -> bool:
+    """True when both stdout and stderr are terminals: the one rule for drawing live progress bars.
+
+    Off a terminal (a log, a pipe) a bar would only leave its last frame behind; the per-epoch lines and the
+    results are the progress there."""
+    return _isatty(sys.stdout) and _isatty(sys.stderr)
+
+
+def progress_bar(enabled: bool, *, transient: bool = False) -> Any:
+    """A rich progress bar on stderr (stdout stays clean for JSON), or ``nullcontext()`` (which yields None)
+    when ``enabled`` is False or the output is not :func:`interactive`."""
+    if not (enabled and interactive()):
+        return contextlib.nullcontext()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description:>16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=transient,
+    )

@@ -177,7 +177,14 @@ def test_presets_by_name(setup):
     assert out["settings"]["attack_settings"]["pgd2"]["steps"] == 2
 
 
-def test_progress_bar_runs(setup, capsys):
+def test_progress_bar_runs(setup, capsys, monkeypatch):
+    import robustkd.runtime
+
     model, x, y = setup
+    monkeypatch.setattr(robustkd.runtime, "interactive", lambda: True)  # draw it, as on a terminal
     run(model, x[:10], y[:10], attacks=("clean", "pgd2"), progress=True)
-    assert capsys.readouterr().out == ""  # the bar goes to stderr, stdout stays clean for JSON
+    out, err = capsys.readouterr()
+    assert out == "" and "pgd2" in err  # the bar goes to stderr, stdout stays clean for JSON
+    monkeypatch.undo()  # off a terminal (pytest's capture) no bar is drawn at all
+    run(model, x[:10], y[:10], attacks=("clean", "pgd2"), progress=True)
+    assert capsys.readouterr() == ("", "")

@@ -45,6 +45,7 @@ from robustkd.certify.specs import (
     margin_spec,
 )
 from robustkd.errors import ConfigError
+from robustkd.runtime import progress_bar
 
 DEFAULT_RHO = (0.05, 0.1, 0.2)
 
@@ -206,17 +207,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def batch_starts(n: int, batch_size: int, progress: bool, description: str, first: int = 0) -> Iterator[int]:
     """The first index of each batch from ``first`` on, behind a transient progress bar when ``progress``."""
-    starts = range(first, n, batch_size)
-    if not progress:
-        yield from starts
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(description, total=n, completed=first)
-        for start in starts:
+    with progress_bar(progress, transient=True) as bar:
+        task = None if bar is None else bar.add_task(description, total=n, completed=first)
+        for start in range(first, n, batch_size):
             yield start
-            bar.update(task, advance=min(batch_size, n - start))
+            if bar is not None:
+                bar.update(task, advance=min(batch_size, n - start))
 
 
 def as_threat(eps: float | ThreatModel | str | Mapping[str, Any], field: str = "eps") -> ThreatModel:

@@ -10,7 +10,6 @@ from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
-from robustkd.cli.terminal import interactive
 
 EXAMPLES = """examples:
   robustkd evaluate --model runs/teacher/best --protocol linf-0.1
@@ -59,7 +58,7 @@ def run(ns: Any) -> int:
         data_root=ns.data.root,
         dataset=ns.data.dataset,
         out=ns.out,
-        progress=ns.progress and interactive(),  # no bars in a log
+        progress=ns.progress,  # the bars themselves stay off in a log
     )
     print_robustness(result)
     return 0

@@ -6,22 +6,10 @@ output that goes to a pipe or a log file must stay plain text whatever the envir
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
-def interactive() -> bool:
-    """True when both stdout and stderr are terminals."""
-    return _isatty(sys.stdout) and _isatty(sys.stderr)
+from robustkd.runtime import interactive
 
 
 @contextmanager

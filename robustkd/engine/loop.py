@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from robustkd.evaluate import evaluate_robustness
 from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, run_lock
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
 from robustkd.models import create_model
-from robustkd.runtime import derive_seed, freeze, resolve_device, seed_everything
+from robustkd.runtime import derive_seed, freeze, interactive, resolve_device, seed_everything
 
 
 class TrainingError(RobustKDError):
@@ -123,7 +122,7 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.bar = None
         # Off a terminal the per-epoch lines are the progress; a bar would only dump its last frame into the log.
-        if enabled and sys.stdout.isatty():
+        if enabled and interactive():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(

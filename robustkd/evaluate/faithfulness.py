@@ -73,10 +73,10 @@ from robustkd.evaluate.robustness import (
     _recorded,
     _summary,
     check_run,
-    progress_bar,
     recording_warnings,
 )
 from robustkd.evaluate.state import pack_tensor, settings_match, unpack_tensor
+from robustkd.runtime import progress_bar
 
 DISAGREEMENT_SEARCHES = ("student_flip", "teacher_flip", "mismatch")
 GAP_SURROGATES = ("prob", "log")

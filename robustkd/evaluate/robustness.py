@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ from robustkd.attacks.recipes import AttackRecipe, get_attack
 from robustkd.attacks.threat import ThreatModel
 from robustkd.errors import ConfigError, RegistryError
 from robustkd.evaluate.state import pack_bits, pack_generator, settings_match, unpack_bits, unpack_generator
+from robustkd.runtime import progress_bar
 
 SETTINGS_CHANGED = "ignoring the saved progress: it was saved for other settings, weights or data; starting over"
 
@@ -398,29 +398,3 @@ def _run_checks(model: nn.Module, x: Tensor, y: Tensor) -> None:
     check_output_is_logits(logits)
     check_deterministic(model, x)
     check_zero_gradients(model, x, y)
-
-
-class _NoBar:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def progress_bar(enabled: bool):
-    """A rich progress bar on stderr, or a stand-in that yields None when ``enabled`` is False."""
-    # Off a terminal (a log, a pipe) a bar would only leave its final frame behind: show none.
-    if not enabled or not sys.stderr.isatty():
-        return _NoBar()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    # stderr, so JSON written to stdout stays clean.
-    return Progress(
-        TextColumn("{task.description:>16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
