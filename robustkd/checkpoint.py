@@ -32,6 +32,8 @@ FORMAT = "robustkd-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "robustkd"
 REQUIRED = ("arch", "num_classes", "input_shape", "mean", "std")
+# Weights without a robustkd description (architecture, data): foreign state dicts, read with weights_only=True.
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def resolve(path: str | Path) -> Path:
@@ -260,7 +262,7 @@ def load_model(
     read with ``weights_only=True`` and refused when it holds anything but tensors.
     """
     path = Path(path)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+    if path.suffix in FOREIGN_SUFFIXES:
         model = _load_foreign(path, arch, arch_kwargs)
     else:
         state, meta, _ = read_checkpoint(path)

@@ -15,14 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustkd.checkpoint import check_compatible, load_model, resolve
+from robustkd.checkpoint import FOREIGN_SUFFIXES, check_compatible, load_model, resolve
 from robustkd.data import load_dataset
 from robustkd.errors import ConfigError
 from robustkd.io import atomic_write_json
 from robustkd.jobs.progress import ProgressFile, fingerprint, model_tensors, progress_path
 from robustkd.runtime import resolve_device
-
-FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 # Computes a job's result from a saved state ({} when there is none), handing each new state to the callback.
 Compute = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], dict[str, Any]]
