@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import certify_checkpoints
-from robustkd.cli.inputs import add_data_options, require_checkpoints
+from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
 from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, number, numbers
 from robustkd.cli.registries import listed
@@ -37,12 +37,12 @@ def build(prog: str) -> Any:
     parser.add_argument(
         "--rho", type=numbers, default=(0.05, 0.1, 0.2), help="gap thresholds for the faithful share, comma-separated"
     )
-    parser.add_argument("--n_examples", type=int, default=None, help="the first N test points only")
+    add_points_option(parser)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: cert_<ckpt>_<method>_<eps>.json beside it")
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
+    add_progress_option(parser)
     return parser
 
 

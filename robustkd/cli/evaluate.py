@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import evaluate_checkpoint
-from robustkd.cli.inputs import add_data_options, require_checkpoints
+from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
 from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
@@ -35,13 +35,13 @@ def build(prog: str) -> Any:
         default=["clean", "pgd20", "cw20"],
         help=f"attack recipes, comma-separated (a list in a config file), from: {listed('attacks')}",
     )
-    parser.add_argument("--n_examples", type=int, default=None, help="evaluate the first N test points only")
+    add_points_option(parser)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts")
     parser.add_argument("--device", default="auto")
     add_data_options(parser)
     parser.add_argument("--out", default=None, help="JSON output; null: eval_<ckpt>_<protocol>.json beside it")
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
+    add_progress_option(parser)
     return parser
 
 

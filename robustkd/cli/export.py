@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import export_onnx, export_options
-from robustkd.cli.inputs import add_data_options, require_checkpoints
-from robustkd.cli.parsing import command_parser, subset
+from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.parsing import command_parser
 from robustkd.cli.table import COMMANDS, Command
 
 EXAMPLES = """examples:
@@ -39,14 +39,14 @@ def build(prog: str) -> Any:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint: runs/<name>/best, a .safetensors or a run dir")
     parser.add_argument("--onnx", required=True, help="output file, e.g. student.onnx")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint for the relative-calibration check")
-    parser.add_argument("--n_examples", type=subset, default=None, help="first N test points, or 'all' (the default)")
+    add_points_option(parser)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--exporter", default="auto", choices=list(exporters), help="torch.onnx exporter")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset; null: 18 with dynamo, 17 with legacy")
     parser.add_argument("--logit_tolerance", type=float, default=logit_tolerance)
     parser.add_argument("--calibration_tolerance", type=float, default=calibration_tolerance)
     add_data_options(parser)
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
+    add_progress_option(parser)
     return parser
 
 

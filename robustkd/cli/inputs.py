@@ -1,14 +1,15 @@
-"""Checks on what a command is given, before any work: a foreign state dict where a checkpoint is expected."""
+"""Options several commands share, each added by one function so it means and reads the same everywhere, and the
+check on what a command is given before any work: a foreign state dict where a checkpoint is expected."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from robustkd.checkpoint import FOREIGN_SUFFIXES
+from robustkd.cli.parsing import subset
 from robustkd.cli.registries import listed
 from robustkd.errors import ConfigError
-
-FOREIGN = (".pt", ".pth", ".bin", ".ckpt")  # weights without a robustkd description (architecture, data)
 
 
 def require_checkpoints(command: str, paths: dict[str, str | None]) -> None:
@@ -16,7 +17,7 @@ def require_checkpoints(command: str, paths: dict[str, str | None]) -> None:
 
     ``paths`` maps each argument as it is typed (``--model``, ``CKPT``) to its value."""
     for flag, path in paths.items():
-        if path is not None and Path(str(path)).suffix in FOREIGN:
+        if path is not None and Path(str(path)).suffix in FOREIGN_SUFFIXES:
             raise ConfigError(
                 f"{flag} {path}: robustkd {command} reads robustkd checkpoints (.safetensors with its .json), "
                 f"not a bare state dict; convert it once in Python: model = robustkd.load_model({str(path)!r}, "
@@ -33,3 +34,13 @@ def add_data_options(parser: Any) -> None:
         default=None,
         help=f"the test split of this dataset; null: the one the checkpoint names. One of: {listed('datasets')}",
     )
+
+
+def add_points_option(parser: Any, default: int | None = None) -> None:
+    """``--n_examples``: the first N test points, or 'all' (null in a config file)."""
+    parser.add_argument("--n_examples", type=subset, default=default, help="first N test points, or 'all'")
+
+
+def add_progress_option(parser: Any) -> None:
+    """``--progress``, spelled as in a training config; bars are drawn on a terminal only."""
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustkd.cli.inputs import add_progress_option
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.table import COMMANDS, Command
 
@@ -34,7 +35,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--train_subset", type=int, default=Plan.train_subset, help="training images")
     parser.add_argument("--n_eval", type=int, default=Plan.n_eval, help="test points evaluated")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
+    add_progress_option(parser)
     return parser
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustkd.cli.inputs import require_checkpoints
-from robustkd.cli.parsing import command_parser, names, number, numbers, subset, threshold
+from robustkd.cli.inputs import add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.parsing import command_parser, names, number, numbers, threshold
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
 
@@ -54,7 +54,7 @@ def build(prog: str) -> Any:
     parser.add_argument("--data.root", default=None, help="where the datasets live; null: the default search paths")
     parser.add_argument("--recompute", action="store_true", help="evaluate again instead of reusing cached results")
     parser.add_argument("--fail_unsafe", action="store_true", help="exit with status 1 when a student is not safe")
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (false: none)")
+    add_progress_option(parser)
     return parser
 
 
@@ -64,7 +64,7 @@ def _evaluated(group: Any, s: Any) -> None:
     group.add_argument(
         "--attacks", type=names, default=list(s.attacks), help=f"robustkd evaluate recipes, from: {listed('attacks')}"
     )
-    group.add_argument("--n_examples", type=subset, default=s.n_examples, help="first N test points, or 'all'")
+    add_points_option(group, s.n_examples)
     group.add_argument("--seed", type=int, default=s.seed)
     group.add_argument("--certify_method", default=s.certify_method, help=f"verifier, one of: {listed('verifiers')}")
     group.add_argument("--faith_steps", type=int, default=s.faithfulness_steps, help="steps of each search")
