@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -113,27 +114,49 @@ def calibrate(fn: Callable[[], Any], warmup: int = 2) -> int:
     return max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-6)))
 
 
-def sample(fn: Callable[[], Any], calls: int) -> float:
-    """Seconds per call, averaged over ``calls`` back-to-back calls."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (every thread): what a timed call costs the machine,
+    whatever else runs on it. System time counts too: memory the allocator returns to the OS and faults back
+    in is paid there."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sample_both(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) per call, averaged over ``calls`` back-to-back calls."""
     synchronize()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for _ in range(calls):
         fn()
     synchronize()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / calls, (cpu_seconds() - cpu) / calls
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def sample(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call, averaged over ``calls`` back-to-back calls."""
+    return sample_both(fn, calls)[0]
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 2,
+    cpu: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, one sample per round, the functions taking turns in every round.
 
     Load from other processes then hits all functions of a round alike, so ratios taken within a round
-    (see :func:`round_ratios`) are steadier than ratios of separately measured medians.
+    (see :func:`round_ratios`) are steadier than ratios of separately measured medians. ``cpu``, when given,
+    receives the CPU seconds (user + system) per call of the same samples.
     """
     calls = {name: calibrate(fn, warmup) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(sample(fn, calls[name]))
+            wall, used = sample_both(fn, calls[name])
+            samples[name].append(wall)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(used)
     return samples
 
 
