@@ -147,6 +147,8 @@ class TrainConfig:
     """bf16 autocast on CUDA."""
     channels_last: bool = False
     """channels_last memory format on CUDA."""
+    fast_path: str = "auto"
+    """auto (the training attack replayed from one CUDA graph on a GPU; eager elsewhere) | off (always eager)."""
     nonfinite: str = "stop"
     """stop | skip: what a NaN/inf loss does (stop keeps the last good checkpoint)."""
 
@@ -193,6 +195,7 @@ def _check_run(cfg: TrainConfig) -> None:
     _need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
     _need(1 <= cfg.log_every <= MAX_COUNT, "log_every", f"must be in [1, {MAX_COUNT}], got {cfg.log_every}")
     _need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
+    _need(cfg.fast_path in ("auto", "off"), "fast_path", f"must be 'auto' or 'off', got {cfg.fast_path!r}")
 
 
 def _check_data(d: DataConfig) -> None:

@@ -13,6 +13,7 @@ from robustkd.attacks.checks import (
     ZeroGradientWarning,
 )
 from robustkd.attacks.engine import check_unit_range, perturb
+from robustkd.attacks.graph import pgd  # the eager loop, or its CUDA-graph replay on a GPU
 from robustkd.attacks.objectives import (
     OBJECTIVES,
     ConfidenceGap,
@@ -26,7 +27,7 @@ from robustkd.attacks.objectives import (
     make_objective,
     register_objective,
 )
-from robustkd.attacks.pgd import attack_mode, pgd
+from robustkd.attacks.pgd import attack_mode
 from robustkd.attacks.recipes import ATTACKS, AttackRecipe, get_attack
 from robustkd.attacks.search import AttackResult
 from robustkd.attacks.threat import PRESETS, ThreatModel

@@ -23,6 +23,7 @@ from torch import nn
 
 import robustkd.data as datasets
 from robustkd.attacks import ThreatModel
+from robustkd.attacks.graph import fast_path
 from robustkd.certify import certified_accuracy as certified
 from robustkd.checkpoint import (
     check_compatible,
@@ -206,6 +207,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
         batch_size = dist.rank_batch(cfg.data.batch_size)  # one the ranks cannot share is refused before any work
         if dist.is_main:
             _warn_threat_mismatch(cfg, method)
+        stack.enter_context(fast_path(cfg.fast_path))  # the graph-captured training attack on CUDA, or not
         resuming = dist.on_main(partial(_prepare_dir, cfg, run_dir, stack))
         run = _setup(cfg, method, dist, run_dir, resuming, batch_size)
         writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, run.start_epoch)
