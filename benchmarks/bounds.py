@@ -116,9 +116,7 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> di
         "benchmark": "bounds",
         "what": "native IBP CPU time (user + system) / auto_LiRPA IBP CPU time (target <= 0.8, bounds equal); "
         "native CROWN-IBP time / IBP time",
-        "setting": setting(
-            threads, repeats, model=list(networks), batch=batch, eps=EPS, input=[1, 28, 28], data=source, quick=quick
-        ),
+        "setting": setting(threads, repeats, model=list(networks), batch=batch, eps=EPS, data=source, quick=quick),
         "ratios": [],
     }
     from robustkd.certify.lirpa import lirpa_available

@@ -16,8 +16,11 @@ from torch import nn
 
 from robustkd.models import create_model
 
-INPUT = (1, 28, 28)  # Fashion-MNIST
+FASHION_MNIST = (1, 28, 28)
+INPUT = FASHION_MNIST  # the input shape (C, H, W) of every benchmark's models; `--dataset-shape` sets it
 CLASSES = 10
+# Architectures by role ("student", "teacher"), replacing a benchmark's defaults; `--arch` sets them.
+ARCH: dict[str, str] = {}
 # Each timed sample runs a function often enough to last this long, so timer resolution and one-off
 # scheduler hiccups weigh little against it.
 MIN_SAMPLE_S = 0.05
@@ -35,6 +38,39 @@ def use_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: this machine has no CUDA device")
     DEVICE = device
     return device
+
+
+def use_shape(text: str) -> tuple[int, int, int]:
+    """Models and batches of shape ``C,H,W`` (e.g. ``3,32,32``); anything but Fashion-MNIST's 1,28,28 is
+    synthetic data (timings do not depend on pixel values)."""
+    global INPUT
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or shape[1] != shape[2]:
+        raise ValueError(f"--dataset-shape {text}: expected C,H,W with H == W, e.g. 3,32,32")
+    INPUT = shape  # type: ignore[assignment]
+    return INPUT
+
+
+def use_arch(text: str) -> dict[str, str]:
+    """Architectures by role, ``role=arch`` pairs separated by commas (``student=resnet18,teacher=wrn_34_10``)."""
+    from robustkd.models import MODELS
+
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--arch {text}: expected role=arch pairs, e.g. student=resnet18,teacher=wrn_34_10")
+    for role, arch in pairs:
+        if role not in ("student", "teacher"):
+            raise ValueError(f"--arch {text}: unknown role {role!r} (student, teacher)")
+        MODELS.get(arch)  # an unknown name raises, listing close matches
+    ARCH.update(dict(pairs))
+    return ARCH
+
+
+def arch(role: str, default: str) -> str:
+    return ARCH.get(role, default)
 
 
 def synchronize() -> None:
@@ -61,6 +97,7 @@ def setting(threads: int, repeats: int, **extra: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "repeats": repeats,
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "input": list(INPUT),
         **extra,
     }
 
@@ -72,6 +109,10 @@ def load_images(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tens
     not depend on pixel values) still run; accuracies are then meaningless and the source says so.
     """
     generator = torch.Generator().manual_seed(seed)
+    if INPUT != FASHION_MNIST:
+        x = torch.rand((n, *INPUT), generator=generator)
+        y = torch.randint(0, CLASSES, (n,), generator=generator)
+        return x.to(DEVICE), y.to(DEVICE), "synthetic {}x{}x{}".format(*INPUT)
     try:
         from robustkd.data import load_dataset
 
@@ -86,7 +127,7 @@ def load_images(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tens
 
 
 def make_model(arch: str, seed: int = 0) -> nn.Module:
-    """A registered architecture for 28x28 greyscale inputs, initialised from ``seed``."""
+    """A registered architecture for inputs of shape ``INPUT``, initialised from ``seed``."""
     torch.manual_seed(seed)
     return create_model(arch, num_classes=CLASSES, in_channels=INPUT[0], input_size=INPUT[1]).to(DEVICE)
 

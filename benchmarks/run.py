@@ -1,4 +1,5 @@
-"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--out FILE] [--threads N] [--device D]``.
+"""Run the benchmarks: ``python -m benchmarks.run [--quick] [--only NAME ...] [--out FILE] [--threads N] [--device D]
+[--arch ROLE=ARCH,...] [--dataset-shape C,H,W]``.
 
 Each benchmark prints its JSON as it finishes; the last object printed lists every ratio of the run.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks import attacks, bounds, common, depthwise, methods, reference
+from robustkd.errors import RobustKDError
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "methods": methods.run,
@@ -36,10 +38,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # holds a core, and the two sides of a ratio would see different stalls.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; timers wait for the device")
+    parser.add_argument("--arch", help="models by role, e.g. student=resnet18,teacher=wrn_34_10 (methods, reference)")
+    parser.add_argument("--dataset-shape", help="input C,H,W, e.g. 3,32,32 (synthetic data unless 1,28,28)")
     args = parser.parse_args(argv)
     try:
         common.use_device(args.device)
-    except ValueError as err:
+        common.use_shape(args.dataset_shape or ",".join(map(str, common.FASHION_MNIST)))
+        common.ARCH.clear()
+        if args.arch:
+            common.use_arch(args.arch)
+    except (ValueError, RobustKDError) as err:
         parser.error(str(err))
 
     torch.set_num_threads(args.threads)
