@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT ?= runs/quickstart
 JOBS ?= 2
 
-.PHONY: setup data browser quickstart test test-fast lint bench clean
+.PHONY: setup data browser quickstart test test-fast lint bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ test-fast: setup data
 
 bench: setup data
 	$(PY) -m benchmarks.run
+
+# On a machine with one CUDA device: the CUDA tests, then AdvFunMatch epoch time on CIFAR-10 shapes, eager
+# against the graph-captured attack, bf16 and channels-last on and off; one JSON object (within 8 min on an H100).
+bench-gpu: setup
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

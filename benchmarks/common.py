@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -248,3 +249,19 @@ def robust_model(quick: bool = False, seed: int = 0) -> tuple[nn.Module, dict[st
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
+
+
+@contextlib.contextmanager
+def models_of(shape: tuple[int, int, int], **roles: str) -> Iterator[None]:
+    """Within the block, models and batches of input ``shape`` and architectures ``roles`` (a benchmark part
+    with its own models, such as the CIFAR one); the run's settings come back afterwards."""
+    global INPUT
+    saved_input, saved_arch = INPUT, dict(ARCH)
+    INPUT = shape  # type: ignore[assignment]
+    ARCH.update(roles)
+    try:
+        yield
+    finally:
+        INPUT = saved_input
+        ARCH.clear()
+        ARCH.update(saved_arch)

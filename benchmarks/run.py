@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import attacks, bounds, common, depthwise, methods, reference
+from benchmarks import attacks, bounds, cifar, common, depthwise, methods, reference
 from robustkd.errors import RobustKDError
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "bounds": bounds.run,
     "reference": reference.run,
     "depthwise": depthwise.run,
+    "cifar": cifar.run,
 }
 
 
