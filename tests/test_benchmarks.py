@@ -54,7 +54,7 @@ def test_methods_cover_the_registry_with_counted_passes(quick):
     rows = {row["name"]: row for row in methods["rows"]}
     assert set(rows) == set(METHODS.names())
     for row in rows.values():
-        assert row["step_ms"] > 0 and row["passes_ms"] > 0
+        assert row["step_ms"] > 0 and row["passes_ms"] > 0 and row["step_cpu_ms"] > 0
         assert row["passes"].get("student_fwd", 0) >= 1
     # Quick mode runs 2 attack steps: the hooks see 2 attack passes, then the outer forward and backward.
     assert rows["pgd_at"]["passes"] == {"student_fwd": 3, "student_input_grad": 2, "student_bwd": 1}
@@ -73,8 +73,18 @@ def test_comparisons_are_like_for_like(quick):
     bounds = _by_name(result, "bounds")
     for row in bounds.get("rows", []):
         assert row["bound_max_abs_diff"] <= 1e-4 * max(1.0, row["bound_max_abs"])
-    for row in _by_name(result, "reference")["rows"]:
-        assert row["loss_rel_diff"] < 1e-4, row
+        assert row["cpu_ms"]["native_ibp"] > 0 and row["cpu_ratio"] > 0
+    for part in ("reference", "cifar"):
+        rows = {row["method"]: row for row in _by_name(result, part)["rows"]}
+        assert set(rows) == {"ard", "rslad", "advfunmatch"}
+        for row in rows.values():
+            assert all(diff < 1e-4 for diff in row["loss_rel_diff"].values()), row
+            assert set(row["time_ms"]) == set(row["cpu_ms"]) == {"ours", *row["loss_rel_diff"]}
+        # The papers' loop structure is a labelled extra row where the papers have scripts; never the headline.
+        assert (
+            set(rows["ard"]["loss_rel_diff"]) == set(rows["rslad"]["loss_rel_diff"]) == {"handwritten", "paper_style"}
+        )
+        assert set(rows["advfunmatch"]["loss_rel_diff"]) == {"handwritten"}
     (row,) = _by_name(result, "depthwise")["rows"]
     assert row["grad_max_rel_diff"] < 1e-4, row
     assert row["kdiga_convolution_calls"]["native"] > 2 * row["kdiga_convolution_calls"]["ours"], row
@@ -110,3 +120,39 @@ def test_the_device_reaches_models_batches_and_setting():
             common.use_device("meta")
     finally:
         common.use_device("cpu")
+
+
+def test_models_and_input_shape_are_options(capsys):
+    argv = [
+        "--quick",
+        "--only",
+        "reference",
+        "--arch",
+        "student=dm_small,teacher=dm_small",
+        "--dataset-shape",
+        "3,32,32",
+    ]
+    (part,) = bench.main([*argv, "--threads", str(torch.get_num_threads())])["benchmarks"]
+    assert part["setting"]["model"] == {"student": "dm_small", "teacher": "dm_small"}
+    assert part["setting"]["input"] == [3, 32, 32] and part["setting"]["data"] == "synthetic 3x32x32"
+    capsys.readouterr()
+    from benchmarks import common
+
+    assert common.INPUT == (3, 32, 32)
+    bench.main(["--quick", "--only", "depthwise", "--threads", "1"])  # the next run starts from the defaults
+    assert common.INPUT == common.FASHION_MNIST and common.ARCH == {}
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--arch", "student=resnt18"], "resnet18"),  # an unknown architecture names the close match
+        (["--arch", "pupil=resnet18"], "unknown role 'pupil'"),
+        (["--dataset-shape", "3,32"], "expected C,H,W"),
+    ],
+)
+def test_bad_model_options_are_refused(option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--only", "bounds", *option])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
