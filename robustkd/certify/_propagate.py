@@ -81,14 +81,17 @@ _NHWC = torch.channels_last
 
 
 def _halves(m: nn.Module) -> tuple[Tensor, ...]:
-    return m.weight * 0.5, m.weight.abs() * 0.5
+    # A convolution's weights in the maps' channels-last layout, or oneDNN would reorder them at every call.
+    layout = _NHWC if m.weight.dim() == 4 else torch.contiguous_format
+    return (m.weight * 0.5).contiguous(memory_format=layout), (m.weight.abs() * 0.5).contiguous(memory_format=layout)
 
 
 def _pair(m: nn.Module) -> tuple[Tensor, ...]:
     """Weights of one convolution with two groups computing ``W/2 · s + b`` and ``|W|/2 · d`` together."""
     half, half_abs = _halves(m)
+    weight = torch.cat([half, half_abs]).contiguous(memory_format=_NHWC)
     bias = None if m.bias is None else torch.cat([m.bias, torch.zeros_like(m.bias)])
-    return (torch.cat([half, half_abs]),) if bias is None else (torch.cat([half, half_abs]), bias)
+    return (weight,) if bias is None else (weight, bias)
 
 
 def _weights(m: nn.Module, build, grad: bool) -> tuple[Tensor, ...]:
