@@ -69,9 +69,9 @@ def _agree(a: torch.Tensor, b: torch.Tensor, alpha: float) -> float:
 
 @CUDA
 @pytest.mark.parametrize("objective", ("ce", "mismatch"))
-def test_graph_replay_matches_the_eager_loop(objective):
+def test_graph_replay_matches_the_eager_loop(objective, monkeypatch):
     graph.clear()
-    torch.backends.cudnn.deterministic = True
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     model, teacher = _net(0).cuda().eval(), _net(1).cuda().eval()
     x, y = torch.rand(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
     for round_ in range(3):  # capture, then replays on new data
