@@ -203,8 +203,9 @@ def ibp_pass(graph: Graph, x_lower: Tensor, x_upper: Tensor, keep: set[int]) -> 
     """IBP through ``graph``, returning only the boxes of the nodes in ``keep``.
 
     Every other box is dropped after its last reader; without autograd it is overwritten in place by that
-    reader and its buffers reused, which spares the allocator most of a pass's large tensors (the same
-    bounds, bit for bit, as keeping every box)."""
+    reader and its buffers reused, which spares the allocator most of a pass's large tensors. The bounds
+    equal those of a pass keeping every box up to float rounding (channels-last convolutions may sum in
+    another order)."""
     last_read = {i: idx for idx, node in enumerate(graph.nodes) for i in node.inputs}
     pool = _Pool(not torch.is_grad_enabled())
     if pool.enabled and x_lower.dim() == 4 and any(node.kind == CONV for node in graph.nodes):
