@@ -26,7 +26,8 @@ from torch import nn
 from robustkd._version import __version__
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
-from robustkd.models import create_model, model_shapes
+from robustkd.models import WrappedModel, create_model, model_shapes, wrap
+from robustkd.models.wrap import build_user_model, is_user_arch
 
 FORMAT = "robustkd-checkpoint"
 FORMAT_VERSION = 1
@@ -147,6 +148,8 @@ def build_from_meta(
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
     if not isinstance(meta["arch"], str):
         raise CheckpointError(f"{source}: 'arch' in the checkpoint metadata must be a name, got {meta['arch']!r}")
+    if is_user_arch(meta["arch"]):
+        raise CheckpointError(user_arch_message(meta["arch"], source))
     _check_normalisation(meta, source)
     try:
         shape = meta["input_shape"]
@@ -252,26 +255,83 @@ def load_model(
     path: str | Path,
     *,
     arch: str | None = None,
+    model: nn.Module | None = None,
     device: str | torch.device | None = None,
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Load a model in eval mode.
 
-    A robustkd checkpoint is rebuilt from its metadata alone. A foreign ``.pt``/``.pth`` state dict
-    needs ``arch`` plus ``num_classes``/``in_channels``/``input_size``/``mean``/``std`` as needed; it is
-    read with ``weights_only=True`` and refused when it holds anything but tensors.
+    A robustkd checkpoint is rebuilt from its metadata alone, except one whose architecture is user code
+    (``pkg.mod:Class``, saved from a module of one's own): robustkd never imports that on its own, so pass
+    ``model=`` (an instance, plain or :func:`~robustkd.models.wrap`-ped, the weights loaded strictly into it)
+    or ``arch="pkg.mod:Class"`` (imported because the caller named it, built with the recorded ``arch_args``
+    updated by ``arch_kwargs``). A foreign ``.pt``/``.pth`` state dict needs ``arch`` plus
+    ``num_classes``/``in_channels``/``input_size``/``mean``/``std`` as needed; it is read with
+    ``weights_only=True`` and refused when it holds anything but tensors.
     """
     path = Path(path)
     if path.suffix in FOREIGN_SUFFIXES:
-        model = _load_foreign(path, arch, arch_kwargs)
+        if model is not None:
+            raise CheckpointError(f"{path}: model= loads robustkd checkpoints; for a bare state dict pass arch=")
+        loaded = _load_foreign(path, arch, arch_kwargs)
     else:
-        state, meta, _ = read_checkpoint(path)
-        source = str(resolve(path))
-        model = build_from_meta(meta, state, source)
-        load_state_strict(model, state, source)
-        model.robustkd_meta = dict(meta)  # type: ignore[assignment]
-    model.eval()
-    return model.to(device) if device is not None else model
+        loaded = _load_own(path, arch, model, arch_kwargs)
+    loaded.eval()
+    return loaded.to(device) if device is not None else loaded
+
+
+def _load_own(path: Path, arch: str | None, model: nn.Module | None, arch_kwargs: dict[str, Any]) -> nn.Module:
+    """A robustkd checkpoint into the model its metadata, ``model`` or the named ``arch`` import path gives."""
+    state, meta, _ = read_checkpoint(path)
+    source = str(resolve(path))
+    if model is not None:
+        loaded = _as_checkpoint_model(model, meta, state, source)
+    elif is_user_arch(arch):
+        assert arch is not None
+        args = {**dict(meta.get("arch_args") or {}), **arch_kwargs}
+        try:
+            built = build_user_model(arch, args)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+        loaded = _as_checkpoint_model(built, meta, state, source)
+    else:
+        loaded = build_from_meta(meta, state, source)
+    load_state_strict(loaded, state, source)
+    loaded.robustkd_meta = dict(meta)  # type: ignore[assignment]
+    return loaded
+
+
+def _as_checkpoint_model(
+    model: nn.Module, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
+) -> nn.Module:
+    """``model`` as it is when it has the checkpoint's layout, else behind the checkpoint's normalisation."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{source}: model= must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, WrappedModel) or set(model.state_dict()) == set(state):
+        return model
+    _check_normalisation(meta, source)
+    shape = meta.get("input_shape")
+    try:
+        return wrap(
+            model,
+            mean=meta["mean"],
+            std=meta["std"],
+            input_shape=tuple(int(v) for v in shape) if shape is not None else None,
+            num_classes=int(meta["num_classes"]) if meta.get("num_classes") is not None else None,
+            arch_args=meta.get("arch_args") or None,
+        )
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: its metadata does not describe a model ({err})") from None
+
+
+def user_arch_message(arch: str, source: str) -> str:
+    """Why a checkpoint of user code is not rebuilt from its file, and the two ways to load it."""
+    name = arch.rsplit(":", 1)[-1]
+    return (
+        f"{source}: its architecture is user code {arch!r}, which robustkd never imports because a file names it; "
+        f"load it with load_model(path, model={name}(...)) (weights loaded strictly into your instance) or "
+        f"load_model(path, arch={arch!r}) (imported because you named it)"
+    )
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

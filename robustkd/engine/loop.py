@@ -7,6 +7,8 @@ save, log), and at the end ``_final_test``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import time
@@ -41,7 +43,8 @@ from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.evaluate import evaluate_robustness
 from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, run_lock
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
-from robustkd.models import create_model
+from robustkd.models import WrappedModel, create_model, wrap
+from robustkd.models.wrap import check_model, is_module_marker, module_marker
 from robustkd.runtime import derive_seed, freeze, interactive, resolve_device, seed_everything
 
 
@@ -192,14 +195,19 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
+def train(
+    config: TrainConfig | dict[str, Any], *, model: nn.Module | None = None, teacher: nn.Module | None = None
+) -> TrainResult:
     """Train (or distil into) a model as ``config`` says; returns where the checkpoints are.
 
-    Launched by torchrun with several processes, it trains with DistributedDataParallel: ``batch_size`` is
-    the global batch, each rank takes its shard of one shared permutation, and rank 0 alone validates and
-    writes the run folder (see docs/DISTRIBUTED.md). Every rank returns the same result.
+    ``model`` / ``teacher``: in-memory modules (plain or :func:`robustkd.wrap`-ped) used in place of
+    ``config.model.arch`` / ``config.teacher``; the run's config.yaml records them as ``<nn.Module Name>``, and
+    a resumed run needs the same modules passed again. Launched by torchrun with several processes, it trains
+    with DistributedDataParallel: ``batch_size`` is the global batch, each rank takes its shard of one shared
+    permutation, and rank 0 alone validates and writes the run folder (see docs/DISTRIBUTED.md). Every rank
+    returns the same result.
     """
-    cfg = validate(from_dict(config) if isinstance(config, dict) else config)
+    cfg = _with_modules(validate(from_dict(config) if isinstance(config, dict) else config), model, teacher)
     method = _build_method(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
@@ -207,7 +215,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
         if dist.is_main:
             _warn_threat_mismatch(cfg, method)
         resuming = dist.on_main(partial(_prepare_dir, cfg, run_dir, stack))
-        run = _setup(cfg, method, dist, run_dir, resuming, batch_size)
+        run = _setup(cfg, method, dist, run_dir, resuming, batch_size, (model, teacher))
         writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, run.start_epoch)
         progress = _Progress(cfg.progress and dist.is_main)
         try:
@@ -222,6 +230,24 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                 writer.close()
         test = dist.on_main(partial(_final_test, run))
         return TrainResult(run_dir, run_dir / "best.safetensors", run_dir / "last.safetensors", run.history, test)
+
+
+def _with_modules(cfg: TrainConfig, model: nn.Module | None, teacher: nn.Module | None) -> TrainConfig:
+    """``cfg`` naming the in-memory modules as ``<nn.Module Name>``; such a name without its module is refused."""
+    for what, module, named in (("model", model, cfg.model.arch), ("teacher", teacher, cfg.teacher)):
+        if module is not None and not isinstance(module, nn.Module):
+            raise ConfigError(f"{what}: expected a torch.nn.Module, got {type(module).__name__}")
+        if module is None and is_module_marker(named):
+            keyword = "model=" if what == "model" else "teacher="
+            raise ConfigError(
+                f"{what}: the run config names an in-memory module {named}, which no file holds; pass the same "
+                f"module again ({keyword}module) to train or resume this run"
+            )
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=module_marker(model)))
+    if teacher is not None:
+        cfg = dataclasses.replace(cfg, teacher=module_marker(teacher), teacher_arch=None)
+    return cfg
 
 
 def _build_method(cfg: TrainConfig) -> Method:
@@ -275,12 +301,23 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, stack: ExitStack) -> bool:
     return bool(cfg.resume and (run_dir / STATE_FILE).exists())
 
 
-def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming: bool, batch_size: int) -> _Run:
-    """Data, model, teacher and optimiser, in the order that fixes what the seed produces; then the resume state."""
+def _setup(
+    cfg: TrainConfig,
+    method: Method,
+    dist: Dist,
+    run_dir: Path,
+    resuming: bool,
+    batch_size: int,
+    modules: tuple[nn.Module | None, nn.Module | None] = (None, None),
+) -> _Run:
+    """Data, model, teacher and optimiser, in the order that fixes what the seed produces; then the resume state.
+
+    ``modules``: the in-memory (model, teacher) the caller passed, or None for those built from ``cfg``.
+    """
     seed_everything(cfg.seed)
     data = _load_data(cfg, dist.device)
-    model = _build_model(cfg, data.info, dist.device)
-    teacher = _load_teacher(cfg, method, data.info, dist)
+    model = _build_model(cfg, data.info, dist.device, modules[0])
+    teacher = _load_teacher(cfg, method, data.info, dist, modules[1])
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     # Room for the next writes: a fresh run writes best, last and the resume state (weights and up to two
     # optimiser moments) plus a temporary copy; a resumed one replaces them, one temporary copy at a time.
@@ -302,7 +339,7 @@ def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming
         optimizer=optimizer,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
-        meta=_meta(cfg, data.info),
+        meta=_meta(cfg, data.info, model),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(),
     )
     if resuming:
@@ -376,32 +413,58 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> _Data:
     return _Data(info, train, val, test, augment)
 
 
-def _build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
-    model = create_model(
-        cfg.model.arch,
-        num_classes=info.num_classes,
-        in_channels=info.input_shape[0],
-        input_size=info.input_shape[-1],
-        mean=info.mean,
-        std=info.std,
-        **cfg.model.args,
-    )
-    if cfg.model.init:
-        model.load_state_dict(load_model(cfg.model.init).state_dict())
+def _build_model(
+    cfg: TrainConfig, info: DatasetInfo, device: torch.device, module: nn.Module | None = None
+) -> nn.Module:
+    """The registered architecture ``cfg.model`` names, or the caller's module checked against the data."""
+    if module is not None:
+        model: nn.Module = _user_model(module, info, "model", device)
+        if cfg.model.init:
+            state, _, _ = read_checkpoint(cfg.model.init)
+            load_state_strict(model, state, str(cfg.model.init))
+    else:
+        model = create_model(
+            cfg.model.arch,
+            num_classes=info.num_classes,
+            in_channels=info.input_shape[0],
+            input_size=info.input_shape[-1],
+            mean=info.mean,
+            std=info.std,
+            **cfg.model.args,
+        )
+        if cfg.model.init:
+            model.load_state_dict(load_model(cfg.model.init).state_dict())
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def _load_teacher(cfg: TrainConfig, method: Method, info: DatasetInfo, dist: Dist) -> nn.Module | None:
-    """The frozen teacher, checked against the data; None for a method that uses none."""
+def _user_model(module: nn.Module, info: DatasetInfo, what: str, device: torch.device) -> WrappedModel:
+    """The caller's module, wrapped when plain, on ``device``, checked against the data with one forward.
+
+    What the wrapper leaves unstated (input shape, classes) is the data's from here on.
+    """
+    wrapped = wrap(module)
+    wrapped.to(device)
+    check_model(wrapped, info.input_shape, info.num_classes, what, info.name)
+    wrapped.input_shape = wrapped.input_shape or tuple(info.input_shape)
+    wrapped.num_classes = wrapped.num_classes or info.num_classes
+    return wrapped
+
+
+def _load_teacher(
+    cfg: TrainConfig, method: Method, info: DatasetInfo, dist: Dist, module: nn.Module | None = None
+) -> nn.Module | None:
+    """The frozen teacher (``module`` when given), checked against the data; None for a method that uses none."""
     if cfg.teacher is None:
         return None
     if not method.needs_teacher:
         if dist.is_main:
             warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=4)
         return None
+    if module is not None:
+        return freeze(_user_model(module, info, "teacher", dist.device))
     shape: dict[str, Any] = {}
     if cfg.teacher_arch:  # a bare .pt state dict: the data says what the architecture is built for
         shape = {
@@ -429,15 +492,22 @@ def _check_teacher(teacher: nn.Module, info: DatasetInfo) -> None:
         raise ConfigError(f"teacher: it outputs {out.shape[-1]} classes, {info.name} has {info.num_classes}")
 
 
-def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    """The checkpoint sidecar's description of the model, its data and the run."""
+def _meta(cfg: TrainConfig, info: DatasetInfo, model: nn.Module | None = None) -> dict[str, Any]:
+    """The checkpoint sidecar's description of the model, its data and the run.
+
+    A caller's module is described by its class's import path (``pkg.mod:Class``), which loading never
+    imports unless the user names it, and by the normalisation its wrapper puts in front.
+    """
+    if isinstance(model, WrappedModel):
+        described = model.describe()
+        arch = {key: described[key] for key in ("arch", "arch_args", "mean", "std")}
+    else:
+        arch = {"arch": cfg.model.arch, "arch_args": dict(cfg.model.args), "mean": list(info.mean)}
+        arch["std"] = list(info.std)
     return {
-        "arch": cfg.model.arch,
-        "arch_args": dict(cfg.model.args),
+        **arch,
         "num_classes": info.num_classes,
         "input_shape": list(info.input_shape),
-        "mean": list(info.mean),
-        "std": list(info.std),
         "dataset": info.name,
         "classes": list(info.classes),
         "method": cfg.method.name,
@@ -611,7 +681,9 @@ def _save(run: _Run, epoch: int, row: dict[str, Any], best_score: float, improve
 def _final_test(run: _Run) -> dict[str, Any]:
     """Rank 0: the best checkpoint's clean accuracy on the test split, written to results.json."""
     device = run.dist.device
-    best_model = load_model(run.run_dir / "best", device=device)
+    # A caller's module is user code, never imported from a file: its best weights go into a copy of it.
+    own = copy.deepcopy(run.model) if isinstance(run.model, WrappedModel) else None
+    best_model = load_model(run.run_dir / "best", model=own, device=device)
     test = run.data.test.to(device)
     result = {
         "acc": accuracy(best_model, test.images, test.labels, run.cfg.data.eval_batch_size),
