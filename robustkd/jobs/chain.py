@@ -131,13 +131,6 @@ def load_test_points(
     meta: Mapping[str, Any], n_examples: int | None, data_root: str | None = None
 ) -> tuple[Tensor, Tensor, int, str]:
     """The first ``n_examples`` test points (all when None) of the dataset ``meta`` names, images in [0, 1]."""
-    return _test_points(meta, n_examples, data_root)[:4]
-
-
-def _test_points(
-    meta: Mapping[str, Any], n_examples: int | None, data_root: str | None
-) -> tuple[Tensor, Tensor, int, str, int]:
-    """``load_test_points`` and the dataset's number of classes."""
     if not meta.get("dataset"):
         raise ConfigError("dataset: the checkpoint does not name its dataset; pass --data.dataset")
     if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1):
@@ -146,7 +139,7 @@ def _test_points(
     n_total = len(data.test)
     n = n_total if n_examples is None else min(n_examples, n_total)
     x = data.test.images[:n].float().div_(255)
-    return x, data.test.labels[:n].clone(), n_total, data.source, data.info.num_classes
+    return x, data.test.labels[:n].clone(), n_total, data.source
 
 
 def load_points(
@@ -160,9 +153,11 @@ def load_points(
         raise ConfigError(
             "dataset: an in-memory nn.Module names no dataset; pass dataset=NAME (robustkd list datasets)"
         )
-    x, y, n_total, source, num_classes = _test_points(models.meta, n_examples, data_root)
-    for what, model in models.in_memory:
-        check_model(model, tuple(x.shape[1:]), num_classes, what, str(chosen))
+    x, y, n_total, source = load_test_points(models.meta, n_examples, data_root)
+    if models.in_memory:  # modules describe no classes of their own: the dataset's (its decoded copy is cached)
+        num_classes = load_dataset(str(chosen), data_root).info.num_classes
+        for what, model in models.in_memory:
+            check_model(model, tuple(x.shape[1:]), num_classes, what, str(chosen))
     return Points(x, y, n_total, source, models.meta.get("dataset"))
 
 
