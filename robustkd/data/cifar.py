@@ -146,6 +146,11 @@ def _member_bytes(release: BinaryRelease, path: Path, splits: Sequence[str]) -> 
     return members
 
 
+def _where(path: Path, name: str) -> str:
+    """How messages name a batch: its path in a folder, ``archive:member`` in an archive."""
+    return str(path / name) if path.is_dir() else f"{path}:{name}"
+
+
 def read_binary(
     release: BinaryRelease, path: Path, splits: Sequence[str] = ("train", "test"), num_classes: int | None = None
 ) -> SplitArrays:
@@ -154,7 +159,7 @@ def read_binary(
     limit = num_classes if num_classes is not None else release.label_limits[release.label_index]
     out: SplitArrays = {}
     for split in splits:
-        parts = [parse_records(members[name], f"{path}:{name}", limit, release) for name in release.files[split]]
+        parts = [parse_records(members[name], _where(path, name), limit, release) for name in release.files[split]]
         out[split] = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
     return out
 
