@@ -12,12 +12,14 @@ import pickle
 import struct
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
+from PIL import Image
 
 import robustkd.data as data
 from robustkd.checkpoint import save_checkpoint
@@ -618,3 +620,23 @@ def test_list_datasets_shows_the_new_names(capsys):
     assert main(["list", "datasets"]) == 0
     names = capsys.readouterr().out.split()
     assert {"cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder"} <= set(names)
+
+
+def test_jpeg_zip_evaluation_reuses_the_full_cache_entry(tmp_path, monkeypatch):
+    # The JPEG zip is one file decoded whole: an evaluation after training must not decode it again.
+    archive = tmp_path / "cifar10-jpeg.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for split in ("train", "test"):
+            for name in data.CIFAR10.classes:
+                buffer = io.BytesIO()
+                Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="PNG")
+                zf.writestr(f"{split}/{name}/0.png", buffer.getvalue())
+    full = data.load_dataset("cifar10", tmp_path)
+    assert len(full.train) == 10 and len(full.test) == 10
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(catalog.imagefolder, "read_image_folder", no_decoding)
+    test_only = data.load_dataset("cifar10", tmp_path, splits=("test",))
+    assert torch.equal(test_only.test.images, full.test.images) and len(test_only.train) == 0

@@ -339,7 +339,7 @@ def _find_cifar10(bases: list[Path], root: Path | None, splits: tuple[str, ...])
 
 
 def _decode_cifar10(kind: str, path: Path, splits: tuple[str, ...]) -> cache.Decoded:
-    if kind == "jpeg":  # the zip holds both splits; both are decoded and the unasked one dropped
+    if kind == "jpeg":
         _, read = imagefolder.read_image_folder(path, expected_classes=CIFAR10.classes)
         parts = {split: read[split] for split in splits}
     else:
@@ -375,12 +375,11 @@ def _load_cifar10(
             )
         )
     kind, path = found
-    arrays, _ = cache.cached(
-        _cache_kind(f"cifar10-{kind}", splits),
-        [path],
-        functools.partial(_decode_cifar10, kind, path, splits),
-        cache_dir,
-    )
+    # The zip is decoded whole (it is one file), so one cache entry serves training and evaluation alike.
+    read = SPLITS if kind == "jpeg" else splits
+    decode = functools.partial(_decode_cifar10, kind, path, read)
+    arrays, _ = cache.cached(_cache_kind(f"cifar10-{kind}", read), [path], decode, cache_dir)
+    arrays = _arrays(info, {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits})
     if kind == "jpeg":
         source = (
             f"CIFAR-10 (JPEG), {path}: a JPEG re-encoding whose pixels are close to, not identical with, "
