@@ -3,16 +3,19 @@
 Each batch file is a pickled dict (written by Python 2, protocol 2) with ``b'data'``, a uint8 array of
 N x 3072 pixels (red, green, blue planes of 32x32), and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'``
 (CIFAR-100), lists of ints. A pickle can name any importable callable and have it called while loading, so
-these files are read with :class:`BatchUnpickler`, whose ``find_class`` hands out only the few numpy and
-builtin names such a dict needs; anything else stops the load before it is called.
+these files are read with :class:`BatchUnpickler`, whose ``find_class`` admits only the few numpy and
+builtin names such a dict needs; anything else stops the load before it is called. Even the admitted numpy
+names resolve to stand-ins that record what the file asks for: the arrays are then built with
+``np.frombuffer`` from checked pieces, because numpy's own unpickling code crashes on some damaged states.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from robustkd.data.cifar import SplitArrays, missing_train_hint
+from robustkd.data.sources import one_line_error
 from robustkd.errors import DataError
 
 _SHAPE = (3, 32, 32)
@@ -41,14 +45,86 @@ def _empty_bytes(*args: Any) -> bytes:
     return b""
 
 
-# (module, name) -> the object handed out. numpy's array helper is taken from numpy itself, since its
-# module moved (numpy.core -> numpy._core) and files name either.
-_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
-ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+# numpy's own unpickling code trusts its input: a damaged dtype state (e.g. a 6-tuple) crashes the
+# interpreter. So numpy's names resolve to stand-ins that only record what the file asks for, and the
+# array is built afterwards by np.frombuffer from checked pieces; numpy never parses the file's states.
+_INTEGER_CODES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
+_NDARRAY = object()  # stands for numpy.ndarray: only ever the first argument of _reconstruct
+
+
+def _text(value: Any) -> Any:
+    return value.decode("latin1") if isinstance(value, bytes) else value  # Python 2 str read as bytes
+
+
+class _DtypeStub:
+    """``numpy.dtype(spec, align, copy)`` as the file asks for it, and the state its BUILD gives."""
+
+    __slots__ = ("spec", "state")
+
+    def __init__(self, spec: Any) -> None:
+        self.spec, self.state = _text(spec), None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def build(self) -> np.dtype:
+        if self.spec not in _INTEGER_CODES:
+            raise pickle.UnpicklingError(f"dtype {self.spec!r} is not allowed (integer arrays only)")
+        state = self.state if self.state is not None else (3, "|", None, None, None)
+        # (version, byte order, subarray, names, fields, ...): a plain dtype has no subarray or fields
+        if not isinstance(state, tuple) or len(state) < 5 or any(v is not None for v in state[2:5]):
+            raise pickle.UnpicklingError(f"dtype state {state!r:.80} is not that of a plain integer dtype")
+        order = _text(state[1])
+        if order not in ("|", "<", ">", "="):
+            raise pickle.UnpicklingError(f"dtype byte order {order!r} is not allowed")
+        plain = np.dtype(self.spec)
+        return plain.newbyteorder(order) if order in ("<", ">") else plain
+
+
+class _ArrayStub:
+    """An ndarray the file asks for: its state (version, shape, dtype, Fortran order, raw bytes) is kept."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def build(self) -> np.ndarray:
+        state = self.state
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("an ndarray without the (version, shape, dtype, order, data) state")
+        shape, dtype, fortran, raw = state[-4:]
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"ndarray shape {shape!r:.80} is not a tuple of sizes")
+        if not isinstance(dtype, _DtypeStub) or not isinstance(fortran, bool) or not isinstance(raw, bytes):
+            raise pickle.UnpicklingError("an ndarray state that is not (shape, dtype, order flag, bytes)")
+        dt = dtype.build()
+        if len(raw) != math.prod(shape) * dt.itemsize:
+            raise pickle.UnpicklingError(
+                f"ndarray of shape {shape} {dt} needs {math.prod(shape) * dt.itemsize} bytes, got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayStub:
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError("_reconstruct of anything but numpy.ndarray is not allowed")
+    return _ArrayStub()
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = False) -> _DtypeStub:
+    return _DtypeStub(spec)
+
+
+# (module, name) -> what is handed out; numpy's array helper moved (numpy.core -> numpy._core), files name either.
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _latin1_bytes,
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
@@ -56,7 +132,10 @@ ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
 
 
 class BatchUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the names in :data:`ALLOWED`; every other global is refused."""
+    """An unpickler that resolves only the names in :data:`ALLOWED`; every other global is refused.
+
+    Arrays come out of :meth:`load` as stand-ins; :func:`load_batch` builds them.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         found = ALLOWED.get((module, name))
@@ -88,10 +167,13 @@ def load_batch(path: Path) -> Any:
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err})") from err
     try:
-        return BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        loaded = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        if isinstance(loaded, dict):  # a batch: its arrays are built from the checked pieces
+            loaded = {key: value.build() if isinstance(value, _ArrayStub) else value for key, value in loaded.items()}
+        return loaded
     except _LOAD_ERRORS as err:
         raise DataError(
-            f"{path}: not a readable CIFAR batch pickle ({type(err).__name__}: {err}); nothing in it was run. "
+            f"{path}: not a readable CIFAR batch pickle ({one_line_error(err)}); nothing in it was run. "
             "Fetch the file again from the official release"
         ) from err
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from robustkd.data.sources import one_line_error
 from robustkd.errors import DataError
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -31,7 +32,7 @@ def _load_mat(path: Path) -> dict[str, Any]:
     except NotImplementedError as err:  # MATLAB v7.3 files are HDF5, which loadmat does not read
         raise DataError(f"{path}: a MATLAB v7.3 (HDF5) file; SVHN's release files are v5, fetch them again") from err
     except (ValueError, TypeError, OSError, EOFError, struct.error, zlib.error, MemoryError) as err:
-        raise DataError(f"{path}: not a readable .mat file ({type(err).__name__}: {err}); fetch it again") from err
+        raise DataError(f"{path}: not a readable .mat file ({one_line_error(err)}); fetch it again") from err
 
 
 def _numeric(value: Any, name: str, path: Path) -> np.ndarray:
