@@ -689,3 +689,10 @@ def test_jpeg_zip_evaluation_reuses_the_full_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog.imagefolder, "read_image_folder", no_decoding)
     test_only = data.load_dataset("cifar10", tmp_path, splits=("test",))
     assert torch.equal(test_only.test.images, full.test.images) and len(test_only.train) == 0
+
+
+@pytest.mark.parametrize("dataset", sorted(PY_RELEASES))
+def test_root_may_be_the_release_folder_itself(tmp_path, dataset):
+    written = make_py_folder(tmp_path, dataset, splits=("test",))
+    ds = data.load_dataset(dataset, tmp_path / PY_RELEASES[dataset][0], splits=("test",))
+    np.testing.assert_array_equal(ds.test.labels.numpy(), written["test"][1])
