@@ -130,12 +130,15 @@ def choose_dataset(
 def load_test_points(
     meta: Mapping[str, Any], n_examples: int | None, data_root: str | None = None
 ) -> tuple[Tensor, Tensor, int, str]:
-    """The first ``n_examples`` test points (all when None) of the dataset ``meta`` names, images in [0, 1]."""
+    """The first ``n_examples`` test points (all when None) of the dataset ``meta`` names, images in [0, 1].
+
+    Only the test files are read, so a data folder that holds nothing else serves an evaluation.
+    """
     if not meta.get("dataset"):
         raise ConfigError("dataset: the checkpoint does not name its dataset; pass --data.dataset")
     if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1):
         raise ConfigError(f"n_examples: must be an integer >= 1, got {n_examples!r}")
-    data = load_dataset(meta["dataset"], data_root)
+    data = load_dataset(meta["dataset"], data_root, splits=("test",))
     n_total = len(data.test)
     n = n_total if n_examples is None else min(n_examples, n_total)
     x = data.test.images[:n].float().div_(255)
