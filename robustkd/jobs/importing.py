@@ -8,6 +8,7 @@ shapes (``robustkd.models.foreign``), checked against the dataset, and written a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,9 +74,8 @@ def import_model(
     checkpoint = Path(out_dir) / "best"
     save_checkpoint(checkpoint, model, meta)
     if card:
-        from robustkd.jobs.card import make_card  # written by its own module; loaded only when asked for
-
-        make_card(checkpoint, dataset=dataset)
+        # Loaded only when asked for (it brings the attacks and AutoAttack); a sibling job module.
+        importlib.import_module("robustkd.jobs.card").make_card(checkpoint, dataset=dataset)
     return checkpoint
 
 
