@@ -31,7 +31,7 @@ def build(prog: str) -> Any:
     parser = command_parser(prog, DESCRIPTION, EXAMPLES)
     parser.add_argument("src", metavar="SRC", help="the foreign checkpoint (.pt, .pth, .t7, ...)")
     parser.add_argument("--arch", default=None, help=f"check the file against this architecture: {listed('models')}")
-    parser.add_argument("--arch_args", type=dict[str, Any], default=None, help='its options as JSON, e.g. {"depth": 34}')
+    parser.add_argument("--arch_args", type=dict[str, Any], default=None, help='options as JSON: {"depth": 34}')
     parser.add_argument("--dataset", required=True, help=f"the data the model was trained on: {listed('datasets')}")
     parser.add_argument("--out_dir", required=True, help="where best.safetensors and best.json go")
     parser.add_argument(
