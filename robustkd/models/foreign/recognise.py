@@ -6,6 +6,7 @@ the meta device, so nothing is allocated before the file is known to fit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +94,7 @@ def recognise(
     if not found:
         name, problems = min(failed, key=lambda item: len(item[1]))
         raise CheckpointError(f"{source} looks like a {FORMATS.get(name).summary} checkpoint but {problems[0]}")
-    result = found[0]
-    return Recognised(**{**result.__dict__, "mean": mean, "std": std})
+    return dataclasses.replace(found[0], mean=mean, std=std)
 
 
 def _looks_like(fmt: Format, shapes: Shapes) -> bool:
