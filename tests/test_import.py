@@ -490,3 +490,19 @@ def test_card_is_made_when_asked(tmp_path, monkeypatch):
     _, path = _source("ard_resnet18", tmp_path)
     checkpoint = robustkd.import_model(path, dataset="cifar10", out_dir=tmp_path / "out")
     assert calls == [(checkpoint, "cifar10")]
+
+
+def test_cli_shows_the_card_after_what_was_recognised(tmp_path, monkeypatch, capsys):
+    import types
+
+    made = types.ModuleType("robustkd.jobs.card")
+    made.make_card = lambda checkpoint, *, dataset=None, **_: {"output": f"{checkpoint}.card.json", "dataset": dataset}
+    shown = types.ModuleType("robustkd.cli.card")
+    shown.render_card = lambda card: f"CARD on {card['dataset']}"
+    monkeypatch.setitem(sys.modules, "robustkd.jobs.card", made)
+    monkeypatch.setitem(sys.modules, "robustkd.cli.card", shown)
+    _, path = _source("rslad_resnet18", tmp_path)
+    assert main(["import", str(path), "--dataset", "cifar10", "--out_dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("ResNet-18 (ARD, RSLAD, RobustBench)") < out.index("CARD on cifar10")
+    assert f"teacher card: {tmp_path / 'r' / 'best'}.card.json" in out
