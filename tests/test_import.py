@@ -404,8 +404,12 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
         "unknown_keys": (tmp_path / "unknown.pt", {}, "match no known checkpoint format"),
         "truncated": (tmp_path / "truncated.pt", {}, "download or copy it again"),
         "wrong_classes": (tmp_path / "hundred.pt", {}, "has 100 output classes but dataset cifar10 has 10"),
-        "wrong_shapes": (tmp_path / "reshaped.pt", {}, "wrong shapes layer2.0.0.body.0.weight"),
-        "wrong_arch": (good, {"arch": "wrn"}, "does not fit wrn"),
+        "wrong_shapes": (
+            tmp_path / "reshaped.pt",
+            {},
+            "wrong shapes layer2.0.conv1.weight: file (16, 8, 5, 5) vs model (16, 8, 3, 3)"[:60],
+        ),
+        "wrong_arch": (good, {"arch": "wrn"}, "without --arch/--arch_args it imports as resnet18 (width=8)"),
         "wrong_args": (good, {"arch": "resnet18", "arch_args": {"width": 16}}, "does not fit resnet18 (width=16)"),
         "unknown_arch": (good, {"arch": "resnet19"}, "unknown model 'resnet19'"),
     }

@@ -93,8 +93,18 @@ def recognise(
         raise CheckpointError(f"{source} fits several formats: {listed}; name one with --arch and --arch_args")
     if not found:
         name, problems = min(failed, key=lambda item: len(item[1]))
-        raise CheckpointError(f"{source} looks like a {FORMATS.get(name).summary} checkpoint but {problems[0]}")
+        hint = _as_recognised(state, source) if arch is not None or arch_args else ""
+        raise CheckpointError(f"{source} looks like a {FORMATS.get(name).summary} checkpoint but {problems[0]}{hint}")
     return dataclasses.replace(found[0], mean=mean, std=std)
+
+
+def _as_recognised(state: Mapping[str, torch.Tensor], source: str) -> str:
+    """What the file is without the caller's architecture, as a hint after a mismatch ("" if nothing fits)."""
+    try:
+        found = recognise(state, source)
+    except CheckpointError:
+        return ""
+    return f"; without --arch/--arch_args it imports as {found.arch} ({_show(found.arch_args)})"
 
 
 def _looks_like(fmt: Format, shapes: Shapes) -> bool:
@@ -131,7 +141,8 @@ def _candidate(
     target = arch or fmt.arch
     accepted = model_options(target)  # raises with close matches for an unknown name
     args = {k: v for k, v in {**inferred, **given}.items() if k in accepted}
-    renamed, unused, unmapped = _rename(state, fmt, shapes, args)
+    pairs = fmt.modules(shapes, args)
+    renamed, unused, unmapped = _rename(state, fmt, dict(pairs))
     described = f"{target} ({_show(args)}) with {num_classes} classes"
     try:
         expected = model_shapes(target, num_classes=num_classes, in_channels=in_channels, **args)
@@ -141,7 +152,7 @@ def _candidate(
     for key in expected:  # files from PyTorch < 0.4.1 have no BatchNorm batch counters; eval never reads them
         if key.endswith("num_batches_tracked") and key not in renamed:
             renamed[key] = torch.zeros((), dtype=torch.long)
-    problems = _mismatches(expected, renamed, unmapped)
+    problems = _mismatches(expected, renamed, unmapped, {ours: theirs for theirs, ours in pairs})
     if problems:
         return None, [f"does not fit {described}: {'; '.join(problems)}"]
     recognised = Recognised(name, fmt.summary, target, args, num_classes, in_channels, renamed, tuple(unused))
@@ -149,10 +160,9 @@ def _candidate(
 
 
 def _rename(
-    state: Mapping[str, torch.Tensor], fmt: Format, shapes: Shapes, args: dict[str, Any]
+    state: Mapping[str, torch.Tensor], fmt: Format, modules: Mapping[str, str]
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """(tensors in our naming, unused keys dropped, keys with no counterpart)."""
-    modules = dict(fmt.modules(shapes, args))
     renamed, unused, unmapped = {}, [], []
     for key, value in state.items():
         if key.startswith(fmt.unused):
@@ -166,11 +176,19 @@ def _rename(
     return renamed, unused, unmapped
 
 
-def _mismatches(expected: Shapes, renamed: Mapping[str, torch.Tensor], unmapped: list[str]) -> list[str]:
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(unmapped + [k for k in renamed if k not in expected])
+def _mismatches(
+    expected: Shapes, renamed: Mapping[str, torch.Tensor], unmapped: list[str], inverse: Mapping[str, str]
+) -> list[str]:
+    """Missing, unexpected and wrongly shaped tensors, named as the file names them where it can."""
+
+    def theirs(key: str) -> str:
+        module, _, tensor = key.rpartition(".")
+        return f"{inverse[module]}.{tensor}" if module in inverse else f"{key} (robustkd's name)"
+
+    missing = sorted(theirs(k) for k in set(expected) - set(renamed))
+    unexpected = sorted(unmapped + [theirs(k) for k in renamed if k not in expected])
     shapes = [
-        f"{k}: file {tuple(renamed[k].shape)} vs model {shape}"
+        f"{theirs(k)}: file {tuple(renamed[k].shape)} vs model {tuple(shape)}"
         for k, shape in expected.items()
         if k in renamed and tuple(renamed[k].shape) != tuple(shape)
     ]
