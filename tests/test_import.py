@@ -407,7 +407,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
         "wrong_shapes": (
             tmp_path / "reshaped.pt",
             {},
-            "wrong shapes layer2.0.conv1.weight: file (16, 8, 5, 5) vs model (16, 8, 3, 3)"[:60],
+            "wrong shapes layer2.0.conv1.weight: file (16, 8, 5, 5) vs model (16, 8, 3, 3)",
         ),
         "wrong_arch": (good, {"arch": "wrn"}, "without --arch/--arch_args it imports as resnet18 (width=8)"),
         "wrong_args": (good, {"arch": "resnet18", "arch_args": {"width": 16}}, "does not fit resnet18 (width=16)"),
