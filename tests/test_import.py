@@ -412,6 +412,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
         "wrong_arch": (good, {"arch": "wrn"}, "without --arch/--arch_args it imports as resnet18 (width=8)"),
         "wrong_args": (good, {"arch": "resnet18", "arch_args": {"width": 16}}, "does not fit resnet18 (width=16)"),
         "unknown_arch": (good, {"arch": "resnet19"}, "unknown model 'resnet19'"),
+        "ours_already": (tmp_path / "ours.safetensors", {}, "is a robustkd checkpoint already"),
     }
 
 
@@ -425,6 +426,7 @@ BAD = [
     "wrong_arch",
     "wrong_args",
     "unknown_arch",
+    "ours_already",
 ]
 
 
@@ -432,7 +434,7 @@ BAD = [
 def test_bad_files_are_refused_with_one_line_and_nothing_written(tmp_path, bad, capsys):
     path, options, says = _bad_files(tmp_path)[bad]
     out = tmp_path / "out"
-    with pytest.raises((CheckpointError, RegistryError)) as err:
+    with pytest.raises((CheckpointError, RegistryError, ConfigError)) as err:
         robustkd.import_model(path, dataset="cifar10", out_dir=out, card=False, **options)
     assert says in str(err.value) and "\n" not in str(err.value)
     assert str(path) in str(err.value) or bad == "unknown_arch"

@@ -49,6 +49,8 @@ def import_model(
     (one line naming the file and what to do) before writing anything when the file cannot be imported.
     """
     src = Path(src)
+    if src.suffix in (".safetensors", ".json") or src.is_dir():
+        raise ConfigError(f"{src} is a robustkd checkpoint already: load it with robustkd.load_model, no import needed")
     info = dataset_info(dataset)
     found = foreign.recognise(read_state_dict(src), str(src), arch=arch, arch_args=arch_args)
     _check_against_data(src, found, info)
