@@ -145,4 +145,11 @@ def load_model(path: Any, **kwargs: Any) -> Any:
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "certify", "distill", "evaluate", "load_model", "report", "train", "wrap"]
+def import_model(src: Any, arch: str | None = None, **kwargs: Any) -> Path:
+    """Import a RobustBench / TRADES / ARD / RSLAD checkpoint as ``out_dir/best`` (``robustkd.jobs.import_model``)."""
+    from robustkd.jobs import import_model as _import
+
+    return _import(src, arch, **kwargs)
+
+
+__all__ = ["__version__", "certify", "distill", "evaluate", "import_model", "load_model", "report", "train", "wrap"]

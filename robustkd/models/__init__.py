@@ -8,7 +8,7 @@ are for empirical evaluation only.
 from __future__ import annotations
 
 # Importing the architecture modules registers them.
-from robustkd.models import cnn, mobilenet, resnet, vit  # noqa: F401
+from robustkd.models import cnn, foreign, mobilenet, resnet, vit  # noqa: F401
 from robustkd.models._factory import (
     MODELS,
     ModelInfo,
