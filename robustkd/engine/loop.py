@@ -546,8 +546,8 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict[str, Any]:
         _optimise(run, out.loss, ok)
         sums.add(out, y, ok, step)
         if (i + 1) % cfg.log_every == 0:
-            _checkpoint_health(run, sums, epoch, progress, cfg.log_every)
-    totals = _checkpoint_health(run, sums, epoch, progress, run.steps_per_epoch % cfg.log_every, final=True)
+            _log_point(run, sums, epoch, progress, cfg.log_every)
+    totals = _log_point(run, sums, epoch, progress, run.steps_per_epoch % cfg.log_every, final=True)
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
     seen = totals.pop("seen")
     row.update({k: v / max(1, seen) for k, v in totals.items() if k.startswith("train/")})
@@ -556,7 +556,7 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict[str, Any]:
     return row
 
 
-def _checkpoint_health(
+def _log_point(
     run: _Run, sums: _Sums, epoch: int, progress: _Progress, advance: int, final: bool = False
 ) -> dict[str, float]:
     """A log point: read the sums (reduced over the ranks at the end), stop or warn on non-finite steps, and
