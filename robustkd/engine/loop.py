@@ -652,7 +652,8 @@ def _optimise(run: _Run, loss: torch.Tensor, ok: torch.Tensor) -> None:
 
     ``stop``: the gradients of a bad step are zeroed, which keeps the weights finite until the next log point
     ends the run. ``skip``: the parameters and the optimiser's state are put back as they were (state the
-    step created is put back to zeros, what SGD and Adam start from), so the step changed nothing.
+    step created is put back to zeros, what SGD and Adam start from), so the step changed nothing. The one
+    host read left is Adam's step count on a GPU, which PyTorch keeps on the host unless ``capturable``.
     """
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
