@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import attacks, bounds, common, depthwise, methods, reference
+from benchmarks import attacks, bounds, common, depthwise, methods, reference, teacher_cache
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "methods": methods.run,
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "bounds": bounds.run,
     "reference": reference.run,
     "depthwise": depthwise.run,
+    "teacher_cache": teacher_cache.run,
 }
 
 
