@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import attacks, bounds, cifar, common, depthwise, methods, reference
+from benchmarks import attacks, bounds, cifar, common, depthwise, methods, reference, teacher_cache
 from robustkd.errors import RobustKDError
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "reference": reference.run,
     "depthwise": depthwise.run,
     "cifar": cifar.run,
+    "teacher_cache": teacher_cache.run,
 }
 
 

@@ -26,14 +26,15 @@ from torch import nn
 from robustkd._version import __version__
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json
-from robustkd.models import create_model, model_shapes
+from robustkd.models import WrappedModel, create_model, foreign, model_shapes, wrap
+from robustkd.models.wrap import build_user_model, is_user_arch
 
 FORMAT = "robustkd-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "robustkd"
 REQUIRED = ("arch", "num_classes", "input_shape", "mean", "std")
 # Weights without a robustkd description (architecture, data): foreign state dicts, read with weights_only=True.
-FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".t7")  # .t7: the ARD repository's checkpoints
 
 
 def resolve(path: str | Path) -> Path:
@@ -147,6 +148,8 @@ def build_from_meta(
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
     if not isinstance(meta["arch"], str):
         raise CheckpointError(f"{source}: 'arch' in the checkpoint metadata must be a name, got {meta['arch']!r}")
+    if is_user_arch(meta["arch"]):
+        raise CheckpointError(user_arch_message(meta["arch"], source))
     _check_normalisation(meta, source)
     try:
         shape = meta["input_shape"]
@@ -252,26 +255,83 @@ def load_model(
     path: str | Path,
     *,
     arch: str | None = None,
+    model: nn.Module | None = None,
     device: str | torch.device | None = None,
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Load a model in eval mode.
 
-    A robustkd checkpoint is rebuilt from its metadata alone. A foreign ``.pt``/``.pth`` state dict
-    needs ``arch`` plus ``num_classes``/``in_channels``/``input_size``/``mean``/``std`` as needed; it is
-    read with ``weights_only=True`` and refused when it holds anything but tensors.
+    A robustkd checkpoint is rebuilt from its metadata alone, except one whose architecture is user code
+    (``pkg.mod:Class``, saved from a module of one's own): robustkd never imports that on its own, so pass
+    ``model=`` (an instance, plain or :func:`~robustkd.models.wrap`-ped, the weights loaded strictly into it)
+    or ``arch="pkg.mod:Class"`` (imported because the caller named it, built with the recorded ``arch_args``
+    updated by ``arch_kwargs``). A foreign ``.pt``/``.pth`` state dict is read with ``weights_only=True``
+    (refused when it holds anything but tensors); its architecture is recognised from its key names and
+    shapes (docs/import.md), or checked against ``arch`` when one is named.
     """
     path = Path(path)
     if path.suffix in FOREIGN_SUFFIXES:
-        model = _load_foreign(path, arch, arch_kwargs)
+        if model is not None:
+            raise CheckpointError(f"{path}: model= loads robustkd checkpoints; for a bare state dict pass arch=")
+        loaded = _load_foreign(path, arch, arch_kwargs)
     else:
-        state, meta, _ = read_checkpoint(path)
-        source = str(resolve(path))
-        model = build_from_meta(meta, state, source)
-        load_state_strict(model, state, source)
-        model.robustkd_meta = dict(meta)  # type: ignore[assignment]
-    model.eval()
-    return model.to(device) if device is not None else model
+        loaded = _load_own(path, arch, model, arch_kwargs)
+    loaded.eval()
+    return loaded.to(device) if device is not None else loaded
+
+
+def _load_own(path: Path, arch: str | None, model: nn.Module | None, arch_kwargs: dict[str, Any]) -> nn.Module:
+    """A robustkd checkpoint into the model its metadata, ``model`` or the named ``arch`` import path gives."""
+    state, meta, _ = read_checkpoint(path)
+    source = str(resolve(path))
+    if model is not None:
+        loaded = _as_checkpoint_model(model, meta, state, source)
+    elif is_user_arch(arch):
+        assert arch is not None
+        args = {**dict(meta.get("arch_args") or {}), **arch_kwargs}
+        try:
+            built = build_user_model(arch, args)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+        loaded = _as_checkpoint_model(built, meta, state, source)
+    else:
+        loaded = build_from_meta(meta, state, source)
+    load_state_strict(loaded, state, source)
+    loaded.robustkd_meta = dict(meta)  # type: ignore[assignment]
+    return loaded
+
+
+def _as_checkpoint_model(
+    model: nn.Module, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
+) -> nn.Module:
+    """``model`` as it is when it has the checkpoint's layout, else behind the checkpoint's normalisation."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{source}: model= must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, WrappedModel) or set(model.state_dict()) == set(state):
+        return model
+    _check_normalisation(meta, source)
+    shape = meta.get("input_shape")
+    try:
+        return wrap(
+            model,
+            mean=meta["mean"],
+            std=meta["std"],
+            input_shape=tuple(int(v) for v in shape) if shape is not None else None,
+            num_classes=int(meta["num_classes"]) if meta.get("num_classes") is not None else None,
+            arch_args=meta.get("arch_args") or None,
+        )
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: its metadata does not describe a model ({err})") from None
+
+
+def user_arch_message(arch: str, source: str) -> str:
+    """Why a checkpoint of user code is not rebuilt from its file, and the two ways to load it."""
+    name = arch.rsplit(":", 1)[-1]
+    return (
+        f"{source}: its architecture is user code {arch!r}, which robustkd never imports because a file names it; "
+        f"load it with load_model(path, model={name}(...)) (weights loaded strictly into your instance) or "
+        f"load_model(path, arch={arch!r}) (imported because you named it)"
+    )
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -279,25 +339,43 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return read_checkpoint(path)[1]
 
 
-def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    if arch is None:
-        raise CheckpointError(f"{path} is a bare state dict: name its architecture (arch=..., --teacher_arch)")
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a foreign ``.pt``/``.pth`` file, read with ``weights_only=True`` (nothing in it runs).
+
+    Wrappers are opened (``{'state_dict': ...}``, ``{'model_state_dict': ...}``, ``{'net': ..., 'optimizer':
+    ...}``; the other entries are ignored) and ``module.`` prefixes removed. ``CheckpointError`` (one line naming
+    the file and what to do) for a missing, damaged or truncated file and for one holding more than tensors.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no file at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
-            raise CheckpointError(f"{path} is not a readable PyTorch file ({_first_line(err)})") from err
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch file ({_first_line(err)}); download or copy it again"
+            ) from err
         raise CheckpointError(
             f"{path} holds more than tensors (it would need full unpickling, which can run code): refused. "
             f"Re-save it as a plain state dict of tensors, or convert it to safetensors. ({_first_line(err)})"
         ) from err
     except Exception as err:  # damaged files raise KeyError, EOFError, RuntimeError, ...; nothing ran
         raise CheckpointError(
-            f"{path} is not a readable PyTorch file ({type(err).__name__}: {_first_line(err)})"
+            f"{path} is not a readable PyTorch file ({type(err).__name__}: {_first_line(err)}); it may be "
+            "truncated or damaged: download or copy it again"
         ) from err
-    state = _find_state_dict(obj, path)
+    return _find_state_dict(obj, path)
+
+
+def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    state = read_state_dict(path)
+    if foreign.formats_of(state) and not any(k.startswith(("net.", "normalize.")) for k in state):
+        return _load_recognised(path, state, arch, kwargs)
+    if arch is None:
+        raise CheckpointError(
+            f"{path} is a bare state dict in no known foreign format: name its architecture (arch=..., --teacher_arch)"
+        )
     model = create_model(arch, **kwargs)
     if not any(k.startswith(("net.", "normalize.")) for k in state):
         # Weights of the bare network: our models carry Normalize in front of it.
@@ -311,6 +389,41 @@ def _load_foreign(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Mo
     return model
 
 
+def _load_recognised(path: Path, state: dict[str, torch.Tensor], arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """A state dict in a known foreign format (RobustBench, TRADES, ARD, RSLAD), renamed onto our architecture."""
+    common = ("num_classes", "in_channels", "input_size", "mean", "std")
+    arch_args = {k: v for k, v in kwargs.items() if k not in common and v is not None}
+    found = foreign.recognise(state, str(path), arch=arch, arch_args=arch_args)
+    for key, value in (("num_classes", found.num_classes), ("in_channels", found.in_channels)):
+        if kwargs.get(key) is not None and int(kwargs[key]) != value:
+            raise CheckpointError(
+                f"{path} has {value} {key.replace('_', ' ').replace('num ', '')} but {kwargs[key]} were asked for; "
+                "check the dataset or the file"
+            )
+    mean = kwargs.get("mean") if kwargs.get("mean") is not None else found.mean
+    std = kwargs.get("std") if kwargs.get("std") is not None else found.std
+    model = create_model(
+        found.arch,
+        num_classes=found.num_classes,
+        in_channels=found.in_channels,
+        input_size=kwargs.get("input_size") or 32,
+        mean=mean,
+        std=std,
+        **found.arch_args,
+    )
+    full = {f"net.{k}": v for k, v in found.state.items()}
+    full.update({k: v for k, v in model.state_dict().items() if k.startswith("normalize.")})
+    load_state_strict(model, full, str(path))
+    model.robustkd_meta = {  # type: ignore[assignment]
+        "arch": found.arch,
+        "arch_args": dict(found.arch_args),
+        "num_classes": found.num_classes,
+        "source": str(path),
+        "format": found.format,
+    }
+    return model
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:300]
 
@@ -321,7 +434,10 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise CheckpointError(f"{path} is not a state dict (names mapped to tensors)")
+        raise CheckpointError(
+            f"{path} is not a state dict (names mapped to tensors, or one under 'state_dict', 'model', "
+            "'model_state_dict' or 'net'); re-save it with torch.save(model.state_dict(), path)"
+        )
     # Weights saved from nn.DataParallel / DDP carry a 'module.' prefix.
     return {k.removeprefix("module."): v for k, v in obj.items()}
 

@@ -151,10 +151,15 @@ class TrainConfig:
     """auto (the training attack replayed from one CUDA graph on a GPU; eager elsewhere) | off (always eager)."""
     nonfinite: str = "stop"
     """stop | skip: what a NaN/inf loss does (stop keeps the last good checkpoint)."""
+    teacher_cache: str = "auto"
+    """auto | always | never: compute the teacher's outputs on the clean training images once per run, not every
+    epoch (kd, kdiga, ard, rslad); auto: where valid (no augmentation) and under 2 GiB; always: refused where
+    augmentation changes the teacher's input."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SELECT = ("auto", "clean", "robust", "certified", "last")
+TEACHER_CACHE = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 
 # Bounds for numbers that are valid Python but absurd for a run. The optimiser turns lr, weight_decay and
 # the values derived from them (lr / Adam's bias correction, lr * weight_decay) into float32 scalars on the
@@ -196,6 +201,11 @@ def _check_run(cfg: TrainConfig) -> None:
     _need(1 <= cfg.log_every <= MAX_COUNT, "log_every", f"must be in [1, {MAX_COUNT}], got {cfg.log_every}")
     _need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     _need(cfg.fast_path in ("auto", "off"), "fast_path", f"must be 'auto' or 'off', got {cfg.fast_path!r}")
+    _need(
+        cfg.teacher_cache in TEACHER_CACHE,
+        "teacher_cache",
+        f"must be one of {', '.join(TEACHER_CACHE)}, got {cfg.teacher_cache!r}",
+    )
 
 
 def _check_data(d: DataConfig) -> None:

@@ -1,5 +1,8 @@
 """No code path in robustkd/ unpickles, loads YAML unsafely, or extracts an archive member unchecked.
 
+The one pickle reader allowed is a restricted unpickler: a class deriving from ``pickle.Unpickler`` that
+defines its own ``find_class`` and never hands the lookup back to pickle's (no ``.find_class(`` call inside).
+
 The check reads the syntax tree of every module, not its text: imports are followed through aliases
 (``import pickle as p``, ``from torch import load``), keyword arguments are read as values, and a
 function that reads archive members must first call ``is_unsafe_member``. The checker is itself tested
@@ -43,6 +46,7 @@ NEVER = {
     "yaml.FullLoader",
     "shutil.unpack_archive",
 }
+UNPICKLERS = {"pickle.Unpickler", "_pickle.Unpickler"}  # allowed only as the base of a restricted unpickler
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 YAML_LOADS = {"yaml.load", "yaml.load_all"}
 SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader", "yaml.BaseLoader", "yaml.CBaseLoader"}
@@ -108,12 +112,26 @@ def _own_nodes(scope: ast.AST) -> list[ast.AST]:
     return out
 
 
+def _restricted_unpickler_bases(tree: ast.AST) -> set[int]:
+    """The base-class nodes of classes that override ``find_class`` without delegating it to pickle's."""
+    bases: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        finders = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "find_class"]
+        delegates = any(isinstance(n, ast.Attribute) and n.attr == "find_class" for f in finders for n in ast.walk(f))
+        if finders and not delegates:
+            bases.update(id(base) for base in node.bases)
+    return bases
+
+
 def find_unsafe(source: str, filename: str = "<snippet>") -> list[str]:
     """Every unsafe load or unchecked archive read in ``source``, as 'file:line: what'."""
     tree = ast.parse(source, filename)
     names = _aliases(tree)
     found: list[str] = []
     allowed: set[int] = set()  # loader references that are the function of a safe call
+    restricted = _restricted_unpickler_bases(tree)
 
     def report(node: ast.AST, what: str) -> None:
         found.append(f"{filename}:{node.lineno}: {what}")
@@ -140,6 +158,8 @@ def find_unsafe(source: str, filename: str = "<snippet>") -> list[str]:
         if not isinstance(node, ast.Name | ast.Attribute):
             continue
         name = _dotted(node, names)
+        if name in UNPICKLERS and id(node) in restricted:
+            continue
         if name in NEVER and id(node) not in allowed:
             report(node, f"{name} can run code from the file")
         elif name in TORCH_LOADS and id(node) not in allowed:
@@ -191,6 +211,8 @@ def test_no_unsafe_loads_or_unchecked_extraction_in_robustkd():
         ("data/cache.py", "allow_pickle=False", "allow_pickle=True"),
         ("data/imagefolder.py", f"{CHECK}(", "renamed_check("),
         ("data/cifar.py", f"{CHECK}(", "renamed_check("),
+        ("data/pickled.py", "def find_class(", "def other_name("),
+        ("data/pickled.py", "found = ALLOWED.get((module, name))", "found = super().find_class(module, name)"),
     ],
 )
 def test_weakening_a_real_loader_is_caught(module, old, new):
@@ -211,6 +233,11 @@ def test_weakening_a_real_loader_is_caught(module, old, new):
         "import pickle\npickle.loads(data)",
         "from pickle import load\nload(f)",
         "from pickle import Unpickler\nclass U(Unpickler): pass",
+        # a find_class that hands the lookup back to pickle's restricts nothing
+        "import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
+        "        return super().find_class(m, n)",
+        "import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n        return 1\n"
+        "pickle.Unpickler(f)",
         "import dill\ndill.load(f)",
         "import marshal\nmarshal.loads(b'')",
         "import shelve\nshelve.open('db')",
@@ -244,6 +271,8 @@ def test_checker_catches(snippet):
     "snippet",
     [
         "import pickle\ntry:\n    pass\nexcept pickle.UnpicklingError:\n    pass",
+        "import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
+        "        raise pickle.UnpicklingError(m)",
         "import torch\ntorch.load('m.pt', map_location='cpu', weights_only=True)",
         "from torch import load\nload('m.pt', weights_only=True)",
         "import yaml\nyaml.safe_load(text)\nyaml.safe_dump({})",

@@ -8,14 +8,16 @@
 from robustkd.data.augment import AUGMENTS, build_augment
 from robustkd.data.base import Dataset, DatasetInfo, Split
 from robustkd.data.batches import iterate_batches, shard_order, stratified_split
-from robustkd.data.catalog import CIFAR10, DATASETS, FASHION_MNIST, MNIST, load_dataset
+from robustkd.data.catalog import CIFAR10, CIFAR100, DATASETS, FASHION_MNIST, MNIST, SVHN, load_dataset
 
 __all__ = [
     "AUGMENTS",
     "CIFAR10",
+    "CIFAR100",
     "DATASETS",
     "FASHION_MNIST",
     "MNIST",
+    "SVHN",
     "Dataset",
     "DatasetInfo",
     "Split",

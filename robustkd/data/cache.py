@@ -108,7 +108,8 @@ def _read_entry(entry: Path) -> Decoded | None:
 
 def _array_sha256(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    if array.size:  # an empty array (a split not read) has no bytes, and memoryview cannot cast it
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return digest.hexdigest()
 
 

@@ -1,25 +1,67 @@
-"""Reader for the official CIFAR-10 *binary* release (never the pickled Python one).
+"""Readers for the official CIFAR-10 and CIFAR-100 *binary* releases (the pickled ones are in ``pickled.py``).
 
-Each ``.bin`` file is a run of 3073-byte records: one label byte, then 32x32 red, green and blue planes.
-Members are read straight out of the tar stream; nothing is extracted to disk.
+A CIFAR-10 ``.bin`` file is a run of 3073-byte records: one label byte, then 32x32 red, green and blue
+planes. CIFAR-100's records carry two label bytes (coarse, then fine) before the same 3072 pixel bytes;
+robustkd uses the fine labels (100 classes). Members are read straight out of the tar stream; nothing is
+extracted to disk. Only the files of the splits asked for are read, so a folder holding just the test file
+serves an evaluation.
 """
 
 from __future__ import annotations
 
 import tarfile
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from robustkd.errors import DataError
 
-ARCHIVE_NAME = "cifar-10-binary.tar.gz"
-FOLDER_NAME = "cifar-10-batches-bin"
-TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-TEST_FILES = ("test_batch.bin",)
 _SHAPE = (3, 32, 32)
-_RECORD = 1 + 3 * 32 * 32
+_PIXELS = 3 * 32 * 32
+
+SplitArrays = dict[str, tuple[np.ndarray, np.ndarray]]  # split name -> (images (N, C, H, W) uint8, labels (N,))
+
+
+@dataclass(frozen=True)
+class BinaryRelease:
+    """One binary release: its archive and folder names, files per split and record layout."""
+
+    title: str
+    archive: str
+    folder: str
+    files: dict[str, tuple[str, ...]]  # split -> member names, in order
+    label_limits: tuple[int, ...]  # one per label byte: each byte must be below its limit
+    label_index: int  # which label byte is the class
+
+    @property
+    def record_size(self) -> int:
+        return len(self.label_limits) + _PIXELS
+
+
+CIFAR10_BINARY = BinaryRelease(
+    "CIFAR-10",
+    "cifar-10-binary.tar.gz",
+    "cifar-10-batches-bin",
+    {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+    (10,),
+    0,
+)
+CIFAR100_BINARY = BinaryRelease(
+    "CIFAR-100",
+    "cifar-100-binary.tar.gz",
+    "cifar-100-binary",
+    {"train": ("train.bin",), "test": ("test.bin",)},
+    (20, 100),
+    1,
+)
+# The names the CIFAR-10 loader has always used.
+ARCHIVE_NAME = CIFAR10_BINARY.archive
+FOLDER_NAME = CIFAR10_BINARY.folder
+TRAIN_FILES = CIFAR10_BINARY.files["train"]
+TEST_FILES = CIFAR10_BINARY.files["test"]
 
 
 def is_unsafe_member(name: str) -> bool:
@@ -28,18 +70,26 @@ def is_unsafe_member(name: str) -> bool:
     return posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or ".." in PurePosixPath(posix).parts
 
 
-def parse_records(data: bytes, where: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def parse_records(
+    data: bytes, where: str, num_classes: int = 10, release: BinaryRelease = CIFAR10_BINARY
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from the bytes of one ``.bin`` file."""
-    if not data or len(data) % _RECORD:
+    size = release.record_size
+    if not data or len(data) % size:
         raise DataError(
-            f"{where}: {len(data)} bytes is not a whole number of {_RECORD}-byte CIFAR records; "
-            "the file is truncated or not a CIFAR-10 binary batch"
+            f"{where}: {len(data)} bytes is not a whole number of {size}-byte {release.title} records; "
+            f"the file is truncated or not a {release.title} binary batch"
         )
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _RECORD)
-    labels = records[:, 0].astype(np.int64)
-    if int(labels.max()) >= num_classes:
-        raise DataError(f"{where}: label {int(labels.max())} is out of range for {num_classes} classes")
-    return records[:, 1:].reshape(-1, *_SHAPE).copy(), labels
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
+    limits = list(release.label_limits)
+    limits[release.label_index] = num_classes
+    for column, limit in enumerate(limits):
+        top = int(records[:, column].max())
+        if top >= limit:
+            what = "label" if column == release.label_index else "coarse label"
+            raise DataError(f"{where}: {what} {top} is out of range for {limit} classes")
+    labels = records[:, release.label_index].astype(np.int64)
+    return records[:, len(limits) :].reshape(-1, *_SHAPE).copy(), labels
 
 
 def _read_member(
@@ -71,25 +121,50 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
     return found
 
 
-def read_cifar10_binary(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train images, train labels, test images, test labels from the release tar.gz or its folder."""
-    wanted = set(TRAIN_FILES + TEST_FILES)
+def missing_train_hint(splits: Sequence[str]) -> str:
+    """What a 'files missing' message adds when the train files are among them."""
+    if "train" in splits:
+        return "; training needs the train files (an evaluation reads only the test files)"
+    return ""
+
+
+def _member_bytes(release: BinaryRelease, path: Path, splits: Sequence[str]) -> dict[str, bytes]:
+    wanted = {name for split in splits for name in release.files[split]}
     if path.is_dir():
-        files = {name: path / name for name in wanted if (path / name).is_file()}
-        missing = sorted(wanted - set(files))
+        missing = sorted(name for name in wanted if not (path / name).is_file())
         if missing:
-            raise DataError(f"{path}: missing {', '.join(missing)} of the CIFAR-10 binary release")
-        members = {name: p.read_bytes() for name, p in files.items()}
-    else:
-        members = _read_members(path, wanted)
-        missing = sorted(wanted - set(members))
-        if missing:
-            raise DataError(f"{path}: archive lacks {', '.join(missing)}; is it the CIFAR-10 *binary* release?")
-    train = [parse_records(members[name], f"{path}:{name}") for name in TRAIN_FILES]
-    test = [parse_records(members[name], f"{path}:{name}") for name in TEST_FILES]
-    return (
-        np.concatenate([x for x, _ in train]),
-        np.concatenate([y for _, y in train]),
-        np.concatenate([x for x, _ in test]),
-        np.concatenate([y for _, y in test]),
-    )
+            hint = missing_train_hint(splits)
+            raise DataError(f"{path}: missing {', '.join(missing)} of the {release.title} binary release{hint}")
+        return {name: (path / name).read_bytes() for name in wanted}
+    members = _read_members(path, wanted)
+    missing = sorted(wanted - set(members))
+    if missing:
+        raise DataError(
+            f"{path}: archive lacks {', '.join(missing)}; is it the {release.title} *binary* release?"
+            + missing_train_hint(splits)
+        )
+    return members
+
+
+def _where(path: Path, name: str) -> str:
+    """How messages name a batch: its path in a folder, ``archive:member`` in an archive."""
+    return str(path / name) if path.is_dir() else f"{path}:{name}"
+
+
+def read_binary(
+    release: BinaryRelease, path: Path, splits: Sequence[str] = ("train", "test"), num_classes: int | None = None
+) -> SplitArrays:
+    """The asked ``splits`` of a binary release, from its tar.gz or its extracted folder."""
+    members = _member_bytes(release, path, splits)
+    limit = num_classes if num_classes is not None else release.label_limits[release.label_index]
+    out: SplitArrays = {}
+    for split in splits:
+        parts = [parse_records(members[name], _where(path, name), limit, release) for name in release.files[split]]
+        out[split] = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+    return out
+
+
+def read_cifar10_binary(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train images, train labels, test images, test labels from the CIFAR-10 release tar.gz or its folder."""
+    splits = read_binary(CIFAR10_BINARY, path)
+    return (*splits["train"], *splits["test"])

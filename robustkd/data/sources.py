@@ -203,3 +203,9 @@ def missing_message(what: str, looked_for: Iterable[str], searched: Iterable[Pat
     """A 'not found' message that lists every place searched and how to fix it."""
     places = "\n".join(f"  - {p}" for p in searched) or "  (no places to search)"
     return f"{what} not found. Looked for {', '.join(looked_for)} in:\n{places}\nFix: {fix}"
+
+
+def one_line_error(err: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of an exception from a parser, on one line and at most ``limit`` characters."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

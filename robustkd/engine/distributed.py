@@ -83,12 +83,14 @@ class Dist:
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
         return values
 
-    def all_true(self, flag: bool) -> bool:
+    def all_true_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A boolean tensor, true where ``flag`` is true on every rank; it stays on the device (nothing is read
+        back), so the training step that asks needs no host synchronisation."""
         if not self.enabled:
             return flag
-        value = torch.tensor(int(flag), device=self.device)
+        value = flag.to(torch.int32)  # collectives reduce numbers, not bools
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        return bool(value.item())
+        return value.bool()
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank."""

@@ -7,6 +7,8 @@ save, log), and at the end ``_final_test``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import time
@@ -38,11 +40,13 @@ from robustkd.data import DatasetInfo, Split, build_augment, iterate_batches, st
 from robustkd.engine.distributed import Dist, distributed
 from robustkd.engine.optim import build_optimizer, learning_rate
 from robustkd.engine.state import STATE_FILE, DamagedStateError, load_state, save_state
+from robustkd.engine.teacher_cache import TeacherCache, fits
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
 from robustkd.evaluate import evaluate_robustness
 from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, run_lock
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
-from robustkd.models import create_model
+from robustkd.models import WrappedModel, create_model, wrap
+from robustkd.models.wrap import check_model, is_module_marker, module_marker
 from robustkd.runtime import derive_seed, freeze, interactive, resolve_device, seed_everything
 
 
@@ -191,16 +195,22 @@ class _Run:
     start_epoch: int = 0
     best_score: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+    teacher_cache: TeacherCache | None = None  # built by the first epoch that uses it
 
 
-def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
+def train(
+    config: TrainConfig | dict[str, Any], *, model: nn.Module | None = None, teacher: nn.Module | None = None
+) -> TrainResult:
     """Train (or distil into) a model as ``config`` says; returns where the checkpoints are.
 
-    Launched by torchrun with several processes, it trains with DistributedDataParallel: ``batch_size`` is
-    the global batch, each rank takes its shard of one shared permutation, and rank 0 alone validates and
-    writes the run folder (see docs/DISTRIBUTED.md). Every rank returns the same result.
+    ``model`` / ``teacher``: in-memory modules (plain or :func:`robustkd.wrap`-ped) used in place of
+    ``config.model.arch`` / ``config.teacher``; the run's config.yaml records them as ``<nn.Module Name>``, and
+    a resumed run needs the same modules passed again. Launched by torchrun with several processes, it trains
+    with DistributedDataParallel: ``batch_size`` is the global batch, each rank takes its shard of one shared
+    permutation, and rank 0 alone validates and writes the run folder (see docs/DISTRIBUTED.md). Every rank
+    returns the same result.
     """
-    cfg = validate(from_dict(config) if isinstance(config, dict) else config)
+    cfg = _with_modules(validate(from_dict(config) if isinstance(config, dict) else config), model, teacher)
     method = _build_method(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
@@ -209,7 +219,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
             _warn_threat_mismatch(cfg, method)
         stack.enter_context(fast_path(cfg.fast_path))  # the graph-captured training attack on CUDA, or not
         resuming = dist.on_main(partial(_prepare_dir, cfg, run_dir, stack))
-        run = _setup(cfg, method, dist, run_dir, resuming, batch_size)
+        run = _setup(cfg, method, dist, run_dir, resuming, batch_size, (model, teacher))
         writer = _tensorboard(run_dir, cfg.tensorboard and dist.is_main, run.start_epoch)
         progress = _Progress(cfg.progress and dist.is_main)
         try:
@@ -224,6 +234,24 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
                 writer.close()
         test = dist.on_main(partial(_final_test, run))
         return TrainResult(run_dir, run_dir / "best.safetensors", run_dir / "last.safetensors", run.history, test)
+
+
+def _with_modules(cfg: TrainConfig, model: nn.Module | None, teacher: nn.Module | None) -> TrainConfig:
+    """``cfg`` naming the in-memory modules as ``<nn.Module Name>``; such a name without its module is refused."""
+    for what, module, named in (("model", model, cfg.model.arch), ("teacher", teacher, cfg.teacher)):
+        if module is not None and not isinstance(module, nn.Module):
+            raise ConfigError(f"{what}: expected a torch.nn.Module, got {type(module).__name__}")
+        if module is None and is_module_marker(named):
+            keyword = "model=" if what == "model" else "teacher="
+            raise ConfigError(
+                f"{what}: the run config names an in-memory module {named}, which no file holds; pass the same "
+                f"module again ({keyword}module) to train or resume this run"
+            )
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=module_marker(model)))
+    if teacher is not None:
+        cfg = dataclasses.replace(cfg, teacher=module_marker(teacher), teacher_arch=None)
+    return cfg
 
 
 def _build_method(cfg: TrainConfig) -> Method:
@@ -277,12 +305,23 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, stack: ExitStack) -> bool:
     return bool(cfg.resume and (run_dir / STATE_FILE).exists())
 
 
-def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming: bool, batch_size: int) -> _Run:
-    """Data, model, teacher and optimiser, in the order that fixes what the seed produces; then the resume state."""
+def _setup(
+    cfg: TrainConfig,
+    method: Method,
+    dist: Dist,
+    run_dir: Path,
+    resuming: bool,
+    batch_size: int,
+    modules: tuple[nn.Module | None, nn.Module | None] = (None, None),
+) -> _Run:
+    """Data, model, teacher and optimiser, in the order that fixes what the seed produces; then the resume state.
+
+    ``modules``: the in-memory (model, teacher) the caller passed, or None for those built from ``cfg``.
+    """
     seed_everything(cfg.seed)
     data = _load_data(cfg, dist.device)
-    model = _build_model(cfg, data.info, dist.device)
-    teacher = _load_teacher(cfg, method, data.info, dist)
+    model = _build_model(cfg, data.info, dist.device, modules[0])
+    teacher = _load_teacher(cfg, method, data.info, dist, modules[1])
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     # Room for the next writes: a fresh run writes best, last and the resume state (weights and up to two
     # optimiser moments) plus a temporary copy; a resumed one replaces them, one temporary copy at a time.
@@ -304,7 +343,7 @@ def _setup(cfg: TrainConfig, method: Method, dist: Dist, run_dir: Path, resuming
         optimizer=optimizer,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
-        meta=_meta(cfg, data.info),
+        meta=_meta(cfg, data.info, model),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(),
     )
     if resuming:
@@ -378,32 +417,58 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> _Data:
     return _Data(info, train, val, test, augment)
 
 
-def _build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
-    model = create_model(
-        cfg.model.arch,
-        num_classes=info.num_classes,
-        in_channels=info.input_shape[0],
-        input_size=info.input_shape[-1],
-        mean=info.mean,
-        std=info.std,
-        **cfg.model.args,
-    )
-    if cfg.model.init:
-        model.load_state_dict(load_model(cfg.model.init).state_dict())
+def _build_model(
+    cfg: TrainConfig, info: DatasetInfo, device: torch.device, module: nn.Module | None = None
+) -> nn.Module:
+    """The registered architecture ``cfg.model`` names, or the caller's module checked against the data."""
+    if module is not None:
+        model: nn.Module = _user_model(module, info, "model", device)
+        if cfg.model.init:
+            state, _, _ = read_checkpoint(cfg.model.init)
+            load_state_strict(model, state, str(cfg.model.init))
+    else:
+        model = create_model(
+            cfg.model.arch,
+            num_classes=info.num_classes,
+            in_channels=info.input_shape[0],
+            input_size=info.input_shape[-1],
+            mean=info.mean,
+            std=info.std,
+            **cfg.model.args,
+        )
+        if cfg.model.init:
+            model.load_state_dict(load_model(cfg.model.init).state_dict())
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def _load_teacher(cfg: TrainConfig, method: Method, info: DatasetInfo, dist: Dist) -> nn.Module | None:
-    """The frozen teacher, checked against the data; None for a method that uses none."""
+def _user_model(module: nn.Module, info: DatasetInfo, what: str, device: torch.device) -> WrappedModel:
+    """The caller's module, wrapped when plain, on ``device``, checked against the data with one forward.
+
+    What the wrapper leaves unstated (input shape, classes) is the data's from here on.
+    """
+    wrapped = wrap(module)
+    wrapped.to(device)
+    check_model(wrapped, info.input_shape, info.num_classes, what, info.name)
+    wrapped.input_shape = wrapped.input_shape or tuple(info.input_shape)
+    wrapped.num_classes = wrapped.num_classes or info.num_classes
+    return wrapped
+
+
+def _load_teacher(
+    cfg: TrainConfig, method: Method, info: DatasetInfo, dist: Dist, module: nn.Module | None = None
+) -> nn.Module | None:
+    """The frozen teacher (``module`` when given), checked against the data; None for a method that uses none."""
     if cfg.teacher is None:
         return None
     if not method.needs_teacher:
         if dist.is_main:
             warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=4)
         return None
+    if module is not None:
+        return freeze(_user_model(module, info, "teacher", dist.device))
     shape: dict[str, Any] = {}
     if cfg.teacher_arch:  # a bare .pt state dict: the data says what the architecture is built for
         shape = {
@@ -431,15 +496,22 @@ def _check_teacher(teacher: nn.Module, info: DatasetInfo) -> None:
         raise ConfigError(f"teacher: it outputs {out.shape[-1]} classes, {info.name} has {info.num_classes}")
 
 
-def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    """The checkpoint sidecar's description of the model, its data and the run."""
+def _meta(cfg: TrainConfig, info: DatasetInfo, model: nn.Module | None = None) -> dict[str, Any]:
+    """The checkpoint sidecar's description of the model, its data and the run.
+
+    A caller's module is described by its class's import path (``pkg.mod:Class``), which loading never
+    imports unless the user names it, and by the normalisation its wrapper puts in front.
+    """
+    if isinstance(model, WrappedModel):
+        described = model.describe()
+        arch = {key: described[key] for key in ("arch", "arch_args", "mean", "std")}
+    else:
+        arch = {"arch": cfg.model.arch, "arch_args": dict(cfg.model.args), "mean": list(info.mean)}
+        arch["std"] = list(info.std)
     return {
-        "arch": cfg.model.arch,
-        "arch_args": dict(cfg.model.args),
+        **arch,
         "num_classes": info.num_classes,
         "input_shape": list(info.input_shape),
-        "mean": list(info.mean),
-        "std": list(info.std),
         "dataset": info.name,
         "classes": list(info.classes),
         "method": cfg.method.name,
@@ -449,42 +521,78 @@ def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
 
 @dataclass
 class _Sums:
-    """One epoch's example-weighted sums, kept on the device: no host sync per step."""
+    """One epoch's example-weighted sums and its non-finite steps, kept on the device: no host sync per step.
+
+    A step whose loss is not finite adds nothing to the sums; the first such step since the last read keeps its
+    number and loss for the message. ``read`` brings everything back in one transfer, at log points only.
+    """
 
     device: torch.device
-    values: dict[str, Any] = field(default_factory=dict)
-    seen: int = 0
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: torch.Tensor = field(init=False)
     correct: torch.Tensor = field(init=False)
+    bad: torch.Tensor = field(init=False)  # non-finite steps this epoch
+    first: torch.Tensor = field(init=False)  # [step, loss] of the first non-finite step since the last read
 
     def __post_init__(self) -> None:
+        self.seen = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device)
+        self.bad = torch.zeros((), device=self.device)
+        self.first = torch.full((2,), -1.0, dtype=torch.float64, device=self.device)
 
-    def add(self, out: Output, y: torch.Tensor) -> None:
+    def add(self, out: Output, y: torch.Tensor, ok: torch.Tensor, step: int) -> None:
         n = len(y)
-        self.seen += n
-        self.values["loss"] = self.values.get("loss", 0) + out.loss.detach().float() * n
+        self.seen += ok * n
+        self._add("loss", out.loss, ok, n)
         for key, value in out.logs.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-            self.values[key] = self.values.get(key, 0) + value.to(self.device) * n
+            self._add(key, value if isinstance(value, torch.Tensor) else torch.tensor(float(value)), ok, n)
         if out.logits is not None:
-            self.correct += (out.logits.detach().argmax(1) == y).sum()
+            self.correct += torch.where(ok, (out.logits.detach().argmax(1) == y).sum(), 0)
+        self.bad += ~ok
+        step_t = torch.tensor(float(step), dtype=torch.float64, device=self.device)
+        here = torch.stack([step_t, out.loss.detach().to(self.device, torch.float64)])
+        # torch.where, not a product: nan * 0 is nan.
+        self.first = torch.where(~ok & (self.first[0] < 0), here, self.first)
+
+    def _add(self, key: str, value: torch.Tensor, ok: torch.Tensor, n: int) -> None:
+        value = torch.where(ok, value.detach().float().to(self.device), 0.0) * n
+        self.values[key] = self.values[key] + value if key in self.values else value
 
     def reduce(self, dist: Dist) -> None:
         """Sums over every rank's examples: the weighted means of a single process at the same batch."""
         keys = list(self.values)
-        counts = [torch.tensor(self.seen, device=self.device), self.correct, *(self.values[k] for k in keys)]
+        counts = [self.seen, self.correct, *(self.values[k] for k in keys)]
         totals = dist.all_sum(torch.stack([c.double() for c in counts]))
-        self.seen, self.correct = int(totals[0].item()), totals[1]
+        self.seen, self.correct = totals[0], totals[1]
         self.values = dict(zip(keys, totals[2:]))
+
+    def read(self) -> dict[str, float]:
+        """Everything, on the host, in one read; the first non-finite step is forgotten once read."""
+        keys = list(self.values)
+        head = [self.seen, self.correct, self.bad, self.first[0], self.first[1]]
+        numbers = _read(torch.stack([t.double() for t in (*head, *(self.values[k] for k in keys))]))
+        self.first = torch.full_like(self.first, -1.0)
+        named = dict(zip(("seen", "correct", "bad", "first_step", "first_loss"), numbers))
+        return {**named, **{f"train/{k}": v for k, v in zip(keys, numbers[len(head) :])}}
+
+
+def _read(values: torch.Tensor) -> list[float]:
+    """The one place the training loop reads device values back: at log points and at the end of an epoch."""
+    return values.cpu().tolist()
 
 
 def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict[str, Any]:
-    """One pass over this rank's shard of the training split; returns the epoch's row of training metrics."""
+    """One pass over this rank's shard of the training split; returns the epoch's row of training metrics.
+
+    Nothing is read back from the device inside a step: whether the loss was finite is kept on the device
+    (a non-finite step changes no weight, see ``_optimise``) and read every ``log_every`` steps and at the end.
+    """
     cfg, dist = run.cfg, run.dist
     epoch_seed = derive_seed(cfg.seed, epoch)
     # Ranks draw different augmentations and attack starts; the shuffle generator below is shared.
     seed_everything(derive_seed(cfg.seed, epoch, dist.rank) if dist.enabled else epoch_seed)
     generator = torch.Generator().manual_seed(epoch_seed)
+    cache = _teacher_cache(run)
     run.student.train()
     sums = _Sums(dist.device)
     started = time.perf_counter()
@@ -502,23 +610,76 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict[str, Any]:
     for i, (x, y, idx) in enumerate(batches):
         step = epoch * run.steps_per_epoch + i
         lr = learning_rate(cfg.optim, step, run.steps_per_epoch, cfg.epochs)
-        out = _step(run, Batch(x, y, idx), StepInfo(epoch, step, cfg.epochs, run.steps_per_epoch), lr)
+        batch = Batch(x, y, idx, cache.lookup(idx) if cache is not None else {})  # no teacher pass where cached
+        out = _step(run, batch, StepInfo(epoch, step, cfg.epochs, run.steps_per_epoch), lr)
         logits = out.logits is not None
-        if not _finite(run, out.loss, epoch, step, lr):
-            progress.update(1)
-            continue
-        _optimise(run, out.loss)
-        sums.add(out, y)
+        # All ranks must skip (or stop) together, or the others would wait in the gradient all-reduce.
+        ok = dist.all_true_on_device(torch.isfinite(out.loss.detach()))
+        _optimise(run, out.loss, ok)
+        sums.add(out, y, ok, step)
         if (i + 1) % cfg.log_every == 0:
-            progress.update(cfg.log_every, f"loss {float(sums.values['loss']) / sums.seen:.4f}")
-    progress.update(run.steps_per_epoch % cfg.log_every)
-    if dist.enabled:
-        sums.reduce(dist)
+            _log_point(run, sums, epoch, progress, cfg.log_every)
+    totals = _log_point(run, sums, epoch, progress, run.steps_per_epoch % cfg.log_every, final=True)
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.perf_counter() - started, 3)}
-    row.update({f"train/{k}": float(v) / max(1, sums.seen) for k, v in sums.values.items()})
-    if sums.seen and logits:
-        row["train/acc"] = float(sums.correct) / sums.seen
+    seen = totals.pop("seen")
+    row.update({k: v / max(1, seen) for k, v in totals.items() if k.startswith("train/")})
+    if seen and logits:
+        row["train/acc"] = totals["correct"] / seen
     return row
+
+
+def _log_point(
+    run: _Run, sums: _Sums, epoch: int, progress: _Progress, advance: int, final: bool = False
+) -> dict[str, float]:
+    """A log point: read the sums (reduced over the ranks at the end), stop or warn on non-finite steps, and
+    advance the bar; returns what was read."""
+    if final and run.dist.enabled:
+        sums.reduce(run.dist)
+    totals = sums.read()
+    if totals["first_step"] >= 0:
+        _nonfinite(run, epoch, int(totals["first_step"]), totals["first_loss"], int(totals["bad"]))
+    if final:
+        progress.update(advance)
+    else:
+        progress.update(advance, f"loss {totals['train/loss'] / max(1, totals['seen']):.4f}")
+    return totals
+
+
+def _teacher_cache(run: _Run) -> TeacherCache | None:
+    """The run's teacher cache, built at its first epoch (rebuilt if the teacher or the data changed since), or
+    None: ``teacher_cache: never``, a method that declares nothing, augmented inputs, or (auto) too large."""
+    names = _cached_outputs(run)
+    if not names:
+        return None
+    dtype = torch.bfloat16 if isinstance(run.autocast, torch.autocast) else None
+    cache = run.teacher_cache
+    if cache is None or not cache.valid(run.teacher, run.data.train, names, dtype):
+        batch_size = run.cfg.data.eval_batch_size
+        cache = TeacherCache.build(run.teacher, run.data.train, names, batch_size, run.autocast, dtype)
+        run.teacher_cache = cache
+    return cache
+
+
+def _cached_outputs(run: _Run) -> tuple[str, ...]:
+    """The teacher outputs to cache under the ``teacher_cache`` setting; ``always`` where invalid is refused."""
+    cfg, mode = run.cfg, run.cfg.teacher_cache
+    names = run.method.clean_teacher() if run.teacher is not None else ()
+    augment = cfg.data.augment or run.data.info.default_augment
+    if mode == "always" and not names:
+        raise ConfigError(
+            f"teacher_cache: always, but method {cfg.method.name!r} uses no teacher output on its clean inputs; "
+            "use auto or never"
+        )
+    if mode == "always" and run.data.augment is not None:
+        raise ConfigError(
+            f"teacher_cache: always, but data.augment {augment!r} changes the teacher's input every epoch, so its "
+            "outputs cannot be computed once; set data.augment none, or teacher_cache auto (on where valid)"
+        )
+    if mode == "never" or run.data.augment is not None:
+        return ()
+    if mode == "auto" and not fits(run.data.train, run.data.info.num_classes, names):
+        return ()
+    return names
 
 
 def _step(run: _Run, batch: Batch, info: StepInfo, lr: float) -> Output:
@@ -531,18 +692,20 @@ def _step(run: _Run, batch: Batch, info: StepInfo, lr: float) -> Output:
     if run.cfg.channels_last and run.dist.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with run.autocast:
-        return run.method(run.student, run.teacher, Batch(x, batch.y, batch.index), info)
+        return run.method(run.student, run.teacher, Batch(x, batch.y, batch.index, batch.teacher), info)
 
 
-def _finite(run: _Run, loss: torch.Tensor, epoch: int, step: int, lr: float) -> bool:
-    """True when every rank's loss is finite; else the step is skipped (``nonfinite: skip``) or training stops."""
-    # All ranks must skip (or stop) together, or the others would wait in the gradient all-reduce.
-    if run.dist.all_true(bool(torch.isfinite(loss.detach()).item())):
-        return True
+def _nonfinite(run: _Run, epoch: int, step: int, loss: float, bad: int) -> None:
+    """A non-finite loss was seen (first at ``step``): a warning under ``nonfinite: skip``, else the error.
+
+    Under ``skip`` the step changed nothing (``_optimise``); under ``stop`` training ends here, before the epoch
+    is saved, so the last good checkpoint is the one kept.
+    """
     if run.cfg.nonfinite == "skip":
-        warnings.warn(f"non-finite loss at epoch {epoch + 1}, step {step}: step skipped", stacklevel=4)
-        run.optimizer.zero_grad(set_to_none=True)
-        return False
+        more = f" ({bad} this epoch so far)" if bad > 1 else ""
+        warnings.warn(f"non-finite loss at epoch {epoch + 1}, step {step}: step skipped{more}", stacklevel=4)
+        return
+    lr = learning_rate(run.cfg.optim, step, run.steps_per_epoch, run.cfg.epochs)
     kept = (
         f"The last good checkpoint (epoch {epoch}) is kept in {run.run_dir}; lower the rate and rerun with "
         "--resume true"
@@ -550,18 +713,47 @@ def _finite(run: _Run, loss: torch.Tensor, epoch: int, step: int, lr: float) -> 
         else "No epoch had completed, so no checkpoint was written; lower the rate and rerun"
     )
     raise TrainingError(
-        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}, method {run.cfg.method.name!r}: "
+        f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step}, method {run.cfg.method.name!r}: "
         f"usually a learning rate too high (optim.lr={lr:.4g}) or a loss weight too large. {kept}, or set "
         "--nonfinite skip"
     )
 
 
-def _optimise(run: _Run, loss: torch.Tensor) -> None:
+def _optimise(run: _Run, loss: torch.Tensor, ok: torch.Tensor) -> None:
+    """The update, made a no-op on the device when ``ok`` (every rank's loss finite) is false.
+
+    ``stop``: the gradients of a bad step are zeroed, which keeps the weights finite until the next log point
+    ends the run. ``skip``: the parameters and the optimiser's state are put back as they were (state the
+    step created is put back to zeros, what SGD and Adam start from), so the step changed nothing. The one
+    host read left is Adam's step count on a GPU, which PyTorch keeps on the host unless ``capturable``.
+    """
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if run.cfg.nonfinite == "stop":
+        for p in params:
+            p.grad.masked_fill_(~ok, 0.0)
     if run.cfg.optim.grad_clip is not None:
         nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
+    if run.cfg.nonfinite == "stop":
+        run.optimizer.step()
+        return
+    before = {key: value.clone() for key, value in _optimiser_tensors(run.optimizer, params).items()}
     run.optimizer.step()
+    for key, now in _optimiser_tensors(run.optimizer, params).items():
+        old = before.get(key)
+        now.copy_(torch.where(ok.to(now.device), now, old if old is not None else torch.zeros_like(now)))
+
+
+def _optimiser_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[Any, torch.Tensor]:
+    """Every parameter and optimiser-state tensor a step may change, by (parameter, name): copies' keys."""
+    found: dict[Any, torch.Tensor] = {}
+    for i, p in enumerate(params):
+        found[(i, "")] = p.data
+        for name, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                found[(i, name)] = value
+    return found
 
 
 def _close_epoch(run: _Run, epoch: int, row: dict[str, Any], writer: Any) -> tuple[dict[str, Any], float]:
@@ -613,7 +805,9 @@ def _save(run: _Run, epoch: int, row: dict[str, Any], best_score: float, improve
 def _final_test(run: _Run) -> dict[str, Any]:
     """Rank 0: the best checkpoint's clean accuracy on the test split, written to results.json."""
     device = run.dist.device
-    best_model = load_model(run.run_dir / "best", device=device)
+    # A caller's module is user code, never imported from a file: its best weights go into a copy of it.
+    own = copy.deepcopy(run.model) if isinstance(run.model, WrappedModel) else None
+    best_model = load_model(run.run_dir / "best", model=own, device=device)
     test = run.data.test.to(device)
     result = {
         "acc": accuracy(best_model, test.images, test.labels, run.cfg.data.eval_batch_size),

@@ -16,6 +16,7 @@ from robustkd.jobs.chain import (
 )
 from robustkd.jobs.export import export_onnx
 from robustkd.jobs.faithfulness import evaluate_faithfulness_checkpoints
+from robustkd.jobs.importing import describe_import, import_model
 from robustkd.jobs.progress import ProgressFile, progress_path
 from robustkd.jobs.robustness import evaluate_checkpoint
 
@@ -24,9 +25,11 @@ __all__ = [
     "ProgressFile",
     "certify_checkpoints",
     "choose_dataset",
+    "describe_import",
     "evaluate_checkpoint",
     "evaluate_faithfulness_checkpoints",
     "export_onnx",
+    "import_model",
     "load_models",
     "load_points",
     "load_test_points",

@@ -15,12 +15,12 @@ from robustkd.attacks.threat import ThreatModel
 from robustkd.certify.bounds import get_verifier
 from robustkd.certify.pair import DEFAULT_RHO, as_threat, batch_starts, certify, summarize
 from robustkd.errors import ConfigError
-from robustkd.jobs.chain import Models, load_models, load_points, output_path, run_resumable, weights_path
+from robustkd.jobs.chain import Models, ModelSource, load_models, load_points, output_path, run_resumable, source_name
 
 
 def certify_checkpoints(
-    student_path: str | Path,
-    teacher_path: str | Path | None = None,
+    student_path: ModelSource,
+    teacher_path: ModelSource | None = None,
     *,
     eps: float | ThreatModel | str | Mapping[str, Any] = 0.1,
     method: str = "ibp",
@@ -41,6 +41,7 @@ def certify_checkpoints(
     The JSON goes beside the student as ``cert_<ckpt>_<method>_<eps>.json`` unless ``out`` is given.
     Per-example results are saved batch by batch beside it (``<out>.progress.json``); with ``resume`` a
     killed run started again with the same arguments continues from them and gives the same result.
+    Either model may be an in-memory module (``dataset`` then needed unless it names one; ``out`` for a student).
     """
     threat = as_threat(eps)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -68,8 +69,8 @@ def certify_checkpoints(
 
     def record(result: dict[str, Any]) -> None:
         result["subset"] = len(points.y) < points.n_total
-        result["student_path"] = str(weights_path(student_path))
-        result["teacher_path"] = str(weights_path(teacher_path)) if teacher_path is not None else None
+        result["student_path"] = source_name(student_path)
+        result["teacher_path"] = source_name(teacher_path) if teacher_path is not None else None
         result["data"] = {**points.record(), "n_total": points.n_total}
 
     tensors = [*models.tensors(), ("x", points.x), ("y", points.y)]

@@ -6,16 +6,19 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from robustkd.export import CALIBRATION_TOLERANCE, LOGIT_TOLERANCE, check_options, export_model
 from robustkd.io import atomic_write_json
-from robustkd.jobs.chain import load_models, load_points, weights_path
+from robustkd.jobs.chain import ModelSource, load_models, load_points, source_name, weights_path
+from robustkd.jobs.progress import fingerprint, model_tensors
 
 
 def export_onnx(
-    checkpoint: str | Path,
+    checkpoint: ModelSource,
     onnx_path: str | Path,
     *,
-    teacher: str | Path | None = None,
+    teacher: ModelSource | None = None,
     n_examples: int | None = None,
     batch_size: int = 256,
     exporter: str = "auto",
@@ -33,7 +36,9 @@ def export_onnx(
     a ``teacher`` checkpoint, every relative-calibration number against the teacher moves by at most
     ``calibration_tolerance``. The result (a JSON-able dict, ``"passed"`` among it) is written next to the
     .onnx as ``<name>.export.json`` and into the run dir as ``export_<checkpoint>.json`` (which
-    ``robustkd report`` shows); the function does not raise on a failed check.
+    ``robustkd report`` shows); the function does not raise on a failed check. ``checkpoint`` (and ``teacher``)
+    may be in-memory modules: ``dataset`` is then needed unless they name one, the record is written beside the
+    .onnx only, and ``weights_sha256`` is a digest of the module's tensors.
     """
     options = {"batch_size": batch_size, "exporter": exporter, "opset": opset}
     options.update(logit_tolerance=logit_tolerance, calibration_tolerance=calibration_tolerance)
@@ -43,18 +48,30 @@ def export_onnx(
     checked = export_model(
         models.student, onnx_path, points.x, teacher=models.teacher, y=points.y, progress=progress, **options
     )
-    weights = weights_path(checkpoint)
     result = {
-        "checkpoint": str(weights.with_suffix("")),
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "checkpoint": _name(checkpoint),
+        "weights_sha256": _digest(checkpoint, models.student),
         **checked,
         "data": {**points.record(), "n": len(points.y), "n_total": points.n_total},
         "subset": len(points.y) < points.n_total,
-        "teacher": None if teacher is None else str(weights_path(teacher).with_suffix("")),
+        "teacher": None if teacher is None else _name(teacher),
     }
-    beside = onnx_path.with_name(onnx_path.stem + ".export.json")
-    in_run = weights.with_name(f"export_{weights.stem}.json")
-    atomic_write_json(beside, result)
-    atomic_write_json(in_run, result)
-    result["outputs"] = [str(beside), str(in_run)]
+    outputs = [onnx_path.with_name(onnx_path.stem + ".export.json")]
+    if not isinstance(checkpoint, nn.Module):  # a run dir to keep the record in
+        weights = weights_path(checkpoint)
+        outputs.append(weights.with_name(f"export_{weights.stem}.json"))
+    for path in outputs:
+        atomic_write_json(path, result)
+    result["outputs"] = [str(path) for path in outputs]
     return result
+
+
+def _name(source: ModelSource) -> str:
+    return source_name(source) if isinstance(source, nn.Module) else str(weights_path(source).with_suffix(""))
+
+
+def _digest(source: ModelSource, model: nn.Module) -> str:
+    """SHA-256 of the weights file, or for a module the fingerprint of its named tensors."""
+    if isinstance(source, nn.Module):
+        return fingerprint({"what": "weights"}, model_tensors("model", model))
+    return hashlib.sha256(weights_path(source).read_bytes()).hexdigest()

@@ -13,12 +13,12 @@ from robustkd.evaluate.faithfulness import (
     evaluate_faithfulness,
     threat_models,
 )
-from robustkd.jobs.chain import load_models, load_points, model_record, output_path, run_resumable
+from robustkd.jobs.chain import ModelSource, load_models, load_points, model_record, output_path, run_resumable
 
 
 def evaluate_faithfulness_checkpoints(
-    teacher_path: str | Path,
-    student_path: str | Path,
+    teacher_path: ModelSource,
+    student_path: ModelSource,
     *,
     eps: float | Sequence[float] = 0.1,
     n_examples: int | None = None,
@@ -42,7 +42,8 @@ def evaluate_faithfulness_checkpoints(
     """Faithfulness of a saved student to a saved teacher on the student's test split.
 
     The JSON goes next to the student (``faithful_<stem>_<norm>-<eps>.json``) unless ``out`` says otherwise.
-    ``dataset`` overrides the dataset named in the checkpoints (needed for foreign ``.pt`` files).
+    ``dataset`` overrides the dataset named in the checkpoints (needed for foreign ``.pt`` files). Either
+    model may be an in-memory module (``dataset`` then needed unless it names one; ``out`` for a student).
     Per-point results are saved beside the output (``<out>.progress.json``) after every batch; with ``resume``
     a killed run started again with the same arguments continues from them and gives the same result. The file
     is removed once the result is written.

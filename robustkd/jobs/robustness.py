@@ -8,11 +8,11 @@ from typing import Any
 
 from robustkd.attacks.threat import ThreatModel
 from robustkd.evaluate.robustness import evaluate_robustness, resolve_attacks, resolve_protocol
-from robustkd.jobs.chain import load_models, load_points, model_record, output_path, run_resumable
+from robustkd.jobs.chain import ModelSource, load_models, load_points, model_record, output_path, run_resumable
 
 
 def evaluate_checkpoint(
-    model_path: str | Path,
+    model_path: ModelSource,
     *,
     protocol: str | ThreatModel = "linf-0.1",
     attacks: Sequence[str] = ("clean", "pgd20", "cw20"),
@@ -27,6 +27,9 @@ def evaluate_checkpoint(
     resume: bool = True,
 ) -> dict[str, Any]:
     """Robustness of a checkpoint on its test split; the JSON goes next to it unless ``out`` says otherwise.
+
+    ``model_path`` may be an in-memory module; it then needs ``dataset`` (unless loaded from a checkpoint that
+    names one) and ``out``.
 
     Per-example progress is saved beside the output (``<out>.progress.json``) as the attacks run; with
     ``resume`` a killed run started again with the same arguments continues from it and gives the same

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd.attacks import ThreatModel, pgd
-from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
+from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method, teacher_logits
 from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
 from robustkd.methods.losses import Term, kl_divergence, weighted_sum
 
@@ -82,19 +82,16 @@ class ARD(Method):
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
         x, y = batch.x, batch.y
-        adv_logits = teacher_logits = clean_logits = None
+        adv_logits = target = clean_logits = None
         logs: dict[str, torch.Tensor] = {}
         if self.alpha > 0:
             x_adv = pgd(student, x, y, self.threat, "ce", mode=self.attack_mode)
             adv_logits = student(x_adv)
-            with torch.no_grad():
-                teacher_logits = teacher(x)  # ARD's teacher sees the clean input
+            target = teacher_logits(teacher, batch)  # ARD's teacher sees the clean input
             logs["adv_acc"] = (adv_logits.detach().argmax(1) == y).float().mean()
         if self.alpha < 1:
             clean_logits = student(x)
-        loss, terms = ard_loss(
-            adv_logits, teacher_logits, clean_logits, y, self.alpha, self.temperature, self.kl_reduction
-        )
+        loss, terms = ard_loss(adv_logits, target, clean_logits, y, self.alpha, self.temperature, self.kl_reduction)
         logs.update({k: v.detach() for k, v in terms.items()})
         return Output(loss, logs, clean_logits)
 
@@ -109,3 +106,6 @@ class ARD(Method):
             "teacher_fwd": 1 if self.alpha > 0 else 0,
             "attack_steps": k,
         }
+
+    def clean_teacher(self) -> tuple[str, ...]:
+        return ("logits",) if self.alpha > 0 else ()

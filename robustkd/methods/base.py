@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustkd.errors import ConfigError
@@ -22,6 +23,9 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor | None = None  # dataset indices, for per-example caches
+    # The teacher's outputs on this x where the engine caches them (see ``Method.clean_teacher``): "logits" is
+    # T(x), "input_grad" is ∇_x CE_mean(T(x), y) over this batch. Empty: the method computes what it needs.
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +73,44 @@ class Method:
     def passes(self) -> dict[str, int]:
         """Forward/backward passes one step costs, for benchmarks (keys: student_fwd, student_bwd, ...)."""
         return {}
+
+    def clean_teacher(self) -> tuple[str, ...]:
+        """The teacher's outputs this method uses on the batch's own x (``TEACHER_OUTPUTS``), none by default.
+
+        Declaring them lets the engine compute them once per run where x does not change between epochs (no
+        augmentation) and pass them in ``Batch.teacher``; the method reads them through :func:`teacher_logits`
+        (or ``batch.teacher``) and computes them itself when they are absent.
+        """
+        return ()
+
+
+TEACHER_OUTPUTS = ("logits", "input_grad")
+
+
+def clean_teacher_outputs(
+    teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Per example, detached: "logits" T(x); "input_grad" ∇_x CE_sum(T(x), y), each example's own gradient.
+
+    Per example, so that a cache can serve any batch: ∇_x CE_mean over a batch of B is these rows divided by B.
+    """
+    if "input_grad" not in names:
+        with torch.no_grad():
+            return {"logits": teacher(x)}
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():  # a graph for x only: the teacher's parameters are frozen
+        logits = teacher(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+    return {"logits": logits.detach(), "input_grad": grad.detach()}
+
+
+def teacher_logits(teacher: nn.Module, batch: Batch) -> torch.Tensor:
+    """T(batch.x) under no_grad: the engine's cached copy when ``batch.teacher`` holds one."""
+    cached = batch.teacher.get("logits")
+    if cached is not None:
+        return cached
+    with torch.no_grad():
+        return teacher(batch.x)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

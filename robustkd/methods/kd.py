@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
+from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method, teacher_logits
 from robustkd.methods.common import check_kd_options, require_teacher
 from robustkd.methods.losses import kd_loss
 
@@ -36,11 +35,13 @@ class KD(Method):
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
-        with torch.no_grad():
-            teacher_logits = teacher(batch.x)
+        target = teacher_logits(teacher, batch)
         logits = student(batch.x)
-        loss, terms = kd_loss(logits, teacher_logits, batch.y, self.alpha, self.temperature, self.kl_reduction)
+        loss, terms = kd_loss(logits, target, batch.y, self.alpha, self.temperature, self.kl_reduction)
         return Output(loss, {k: v.detach() for k, v in terms.items()}, logits)
 
     def passes(self) -> dict[str, int]:
         return {"student_fwd": 1, "student_bwd": 1, "teacher_fwd": 1}
+
+    def clean_teacher(self) -> tuple[str, ...]:
+        return ("logits",)

@@ -112,7 +112,11 @@ class KDIGA(Method):
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
         x, y = batch.x, batch.y
-        teacher_logits, g_t = teacher_input_gradient(teacher, x, y)
+        cached = batch.teacher
+        if "input_grad" in cached:
+            teacher_logits, g_t = cached["logits"], cached["input_grad"]
+        else:
+            teacher_logits, g_t = teacher_input_gradient(teacher, x, y)
         logits, g_s = student_input_gradient(student, x, y)
         loss, terms = kdiga_loss(
             logits,
@@ -138,3 +142,6 @@ class KDIGA(Method):
             "teacher_fwd": 1,
             "teacher_input_grad": 1,
         }
+
+    def clean_teacher(self) -> tuple[str, ...]:
+        return ("logits", "input_grad")

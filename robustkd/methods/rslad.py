@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd.attacks import ThreatModel, pgd
-from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
+from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method, teacher_logits
 from robustkd.methods.common import ATTACK_KEYS, check_attack_mode, check_kd_options, method_threat, require_teacher
 from robustkd.methods.losses import kl_to_probs
 
@@ -85,9 +85,8 @@ class RSLAD(Method):
     def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, info: StepInfo) -> Output:
         teacher = require_teacher(teacher, self.name)
         x, y = batch.x, batch.y
-        with torch.no_grad():
-            # The one teacher forward of the step, reused by the attack and both loss terms.
-            teacher_probs = F.softmax(teacher(x).float(), dim=1)
+        # The one teacher forward of the step (or its cached copy), reused by the attack and both loss terms.
+        teacher_probs = F.softmax(teacher_logits(teacher, batch).float(), dim=1)
         x_adv = pgd(student, x, y, self.threat, "kl", reference=teacher_probs, mode=self.attack_mode)
         # Two forwards (adversarial first, as the code), not one on cat([x', x]): in train mode
         # BatchNorm would mix their batch statistics.
@@ -110,3 +109,6 @@ class RSLAD(Method):
             "teacher_fwd": 1,
             "attack_steps": k,
         }
+
+    def clean_teacher(self) -> tuple[str, ...]:
+        return ("logits",)

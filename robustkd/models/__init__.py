@@ -8,7 +8,7 @@ are for empirical evaluation only.
 from __future__ import annotations
 
 # Importing the architecture modules registers them.
-from robustkd.models import cnn, mobilenet, resnet, vit  # noqa: F401
+from robustkd.models import cnn, foreign, mobilenet, resnet, vit  # noqa: F401
 from robustkd.models._factory import (
     MODELS,
     ModelInfo,
@@ -21,6 +21,7 @@ from robustkd.models._factory import (
     register_model,
 )
 from robustkd.models.layers import BOUNDABLE_TYPES, Normalize, Residual, is_boundable
+from robustkd.models.wrap import WrappedModel, wrap
 
 __all__ = [
     "BOUNDABLE_TYPES",
@@ -28,6 +29,7 @@ __all__ = [
     "ModelInfo",
     "Normalize",
     "Residual",
+    "WrappedModel",
     "count_parameters",
     "create_model",
     "is_boundable",
@@ -36,4 +38,5 @@ __all__ = [
     "model_options",
     "model_shapes",
     "register_model",
+    "wrap",
 ]

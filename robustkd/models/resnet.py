@@ -6,6 +6,7 @@ Built only from ``layers.BOUNDABLE_TYPES`` so the bound propagators can walk the
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -17,6 +18,9 @@ from robustkd.models.layers import Residual
 
 HE_2016 = "He et al. 2016, Deep Residual Learning (arXiv:1512.03385), CIFAR variant"
 HE_2016_PREACT = "He et al. 2016, Identity Mappings in Deep Residual Networks (arXiv:1603.05027)"
+# "standard": projection shortcuts read the pre-activated input, BN-ReLU before the pool (He et al.; RobustBench's
+# Rice2020Overfitting L2 model). "fast": the layout of Wong et al. 2020, Fast is better than free.
+PREACT_VARIANTS = ("standard", "fast")
 ZAGORUYKO_2016 = "Zagoruyko & Komodakis 2016, Wide Residual Networks (arXiv:1605.07146)"
 
 
@@ -38,22 +42,19 @@ def _basic_block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(Residual(body, shortcut), nn.ReLU())
 
 
-def _preact_block(cin: int, cout: int, stride: int) -> nn.Module:
+def _preact_block(cin: int, cout: int, stride: int, *, shortcut_reads_input: bool = False) -> nn.Module:
+    def body(*first: nn.Module) -> nn.Sequential:
+        return nn.Sequential(*first, _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(), _conv3x3(cout, cout))
+
     if stride == 1 and cin == cout:
-        body = nn.Sequential(
-            nn.BatchNorm2d(cin),
-            nn.ReLU(),
-            _conv3x3(cin, cout),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(),
-            _conv3x3(cout, cout),
-        )
-        return Residual(body)
+        return Residual(body(nn.BatchNorm2d(cin), nn.ReLU()))
+    shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+    if shortcut_reads_input:
+        # Wong et al.'s layout: only the body is pre-activated, the projection reads the raw block input.
+        return Residual(body(nn.BatchNorm2d(cin), nn.ReLU()), shortcut)
     # The projection shortcut reads the pre-activated input (as in the reference code), so BN-ReLU move
     # in front of the Residual and both branches start from the same tensor.
-    body = nn.Sequential(_conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(), _conv3x3(cout, cout))
-    shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
-    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), Residual(body, shortcut))
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), Residual(body(), shortcut))
 
 
 def _stages(
@@ -92,17 +93,31 @@ def resnet(
 
 
 def preact_resnet(
-    widths: Sequence[int], depths: Sequence[int], *, num_classes: int, in_channels: int, stem: int
+    widths: Sequence[int],
+    depths: Sequence[int],
+    *,
+    num_classes: int,
+    in_channels: int,
+    stem: int,
+    variant: str = "standard",
 ) -> nn.Sequential:
-    """Pre-activation ResNet: a bare 3x3 stem conv, BN-ReLU-conv blocks, and BN-ReLU before the pool."""
+    """Pre-activation ResNet: a bare 3x3 stem conv, BN-ReLU-conv blocks, and BN-ReLU before the pool.
+
+    ``variant="fast"`` is the layout of Wong et al. 2020 (RobustBench's Wong2020Fast): projection shortcuts
+    read the raw block input and there is no BN-ReLU before the pool.
+    """
+    if variant not in PREACT_VARIANTS:
+        raise ConfigError(f"preact variant must be one of {', '.join(PREACT_VARIANTS)}, got {variant!r}")
+    fast = variant == "fast"
     strides = [1] + [2] * (len(widths) - 1)
+    block = functools.partial(_preact_block, shortcut_reads_input=fast)
+    head = [] if fast else [("norm", nn.BatchNorm2d(widths[-1])), ("relu", nn.ReLU())]
     return nn.Sequential(
         OrderedDict(
             [
                 ("stem", _conv3x3(in_channels, stem)),
-                *_stages(_preact_block, stem, widths, depths, strides),
-                ("norm", nn.BatchNorm2d(widths[-1])),
-                ("relu", nn.ReLU()),
+                *_stages(block, stem, widths, depths, strides),
+                *head,
                 ("pool", nn.AdaptiveAvgPool2d(1)),
                 ("flatten", nn.Flatten()),
                 ("fc", nn.Linear(widths[-1], num_classes)),
@@ -119,10 +134,14 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, 
 
 
 @register_model(boundable=True, input_sizes=(32,), reference=HE_2016_PREACT)
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, *, width: int = 64) -> nn.Module:
-    """PreActResNet-18 for CIFAR, the usual model of fast adversarial training."""
+def preact_resnet18(
+    num_classes: int = 10, in_channels: int = 3, input_size: int = 32, *, width: int = 64, variant: str = "standard"
+) -> nn.Module:
+    """PreActResNet-18 for CIFAR, the usual model of fast adversarial training (``variant``: standard, fast)."""
     widths = [width, 2 * width, 4 * width, 8 * width]
-    return preact_resnet(widths, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, stem=width)
+    return preact_resnet(
+        widths, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, stem=width, variant=variant
+    )
 
 
 @register_model(boundable=True, input_sizes=(32,), reference=ZAGORUYKO_2016)
