@@ -61,7 +61,7 @@ bench: setup data
 	$(PY) -m benchmarks.run
 
 # On a machine with one CUDA device: the CUDA tests, then AdvFunMatch epoch time on CIFAR-10 shapes, eager
-# against the graph-captured attack, bf16 and channels-last on and off; one JSON object (within 8 min on an H100).
+# against the graph-captured attack, bf16 and channels-last on and off; one JSON object (sized for 8 min on an H100).
 bench-gpu: setup
 	$(PY) -m benchmarks.gpu
 

@@ -8,7 +8,8 @@
    bf16 is on), ``loss.backward()`` and an SGD update. Epoch time = step time x 391 (50 000 images in
    batches of 128), from ``--steps`` timed steps after warm-up steps that include the graph capture.
 
-Prints one JSON object (and writes it with ``--out``). Sized to finish within 8 minutes on one H100.
+Prints one JSON object (and writes it with ``--out``). Sized for 8 minutes on one H100, by estimate: it
+has not yet run on one.
 ``--dry-run`` runs the same code on the CPU at a tiny size (batch 4, 16x16 inputs, 1 attack step, a small
 student and teacher), skips the tests, and is what the test suite runs; its timings mean nothing.
 """
