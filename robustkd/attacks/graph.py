@@ -9,10 +9,10 @@ run the same kernels on it.
 
 Where the graph applies (``fast_path == "auto"``, the default): CUDA tensors, no explicit generator, a
 model that is in eval mode during the attack (``mode="eval"``, or ``"keep"`` on a model with no module in
-training mode) and not wrapped in DistributedDataParallel. A train-mode attack is not captured: each of
-its forwards updates BatchNorm's running statistics, which a replay would do too, but from buffers whose
-update the eager path makes visible step by step; those attacks, CPU tensors, and a batch smaller than the
-largest one seen for the same model (the last partial batch of an epoch) run the eager loop. ``off`` (the
+training mode) and not wrapped in DistributedDataParallel. A train-mode attack is not captured: its
+forwards normalise with batch statistics and update BatchNorm's running averages at every step, which a
+replay is not checked to reproduce. Those attacks, CPU tensors, and a batch smaller than the largest one
+seen for the same model (the last partial batch of an epoch) run the eager loop. ``off`` (the
 training config's ``fast_path``, or :func:`fast_path`) always runs the eager loop.
 
 bf16 autocast and channels-last inputs are honoured as the caller sets them (``bf16`` and ``channels_last``
