@@ -60,7 +60,10 @@ def test_methods_cover_the_registry_with_counted_passes(quick):
     assert rows["pgd_at"]["passes"] == {"student_fwd": 3, "student_input_grad": 2, "student_bwd": 1}
     assert rows["kdiga"]["passes"]["student_double_bwd"] == 1
     assert rows["ibp"]["passes"]["student_ibp"] == 1
-    assert all(math.isfinite(v) and v > 0 for v in methods["units_ms"].values() if v)
+    units = methods["units_ms"]
+    assert all(math.isfinite(v) for v in units.values())
+    # Parts found by subtraction may dip below zero on a loaded machine; the ones measured whole cannot.
+    assert units["student_fwd"] > 0 and units["teacher_fwd"] > 0
 
 
 def test_comparisons_are_like_for_like(quick):
