@@ -69,6 +69,15 @@ def advfunmatch_loss(
     return loss, terms
 
 
+def majority_share(logits: torch.Tensor) -> torch.Tensor:
+    """Share of the batch on its most frequent predicted class: 1 for a network that predicts one constant class.
+
+    one_hot().sum() rather than bincount, which would wait for the device to size its output.
+    """
+    counts = F.one_hot(logits.argmax(1), logits.shape[1]).sum(0)
+    return counts.max().float() / logits.shape[0]
+
+
 # The default ball and PGD budget of the training attack.
 THREAT = ThreatModel("linf", 8 / 255, step_size=2 / 255, steps=10, random_start="normal")
 
@@ -86,6 +95,9 @@ class AdvFunMatch(Method):
     * Outer: τ²·KL_batchmean(p_T^τ(x') ‖ p_S^τ(x')), teacher output at x' detached (one no-grad teacher
       forward: the attack's last teacher output is at the point before the final step). Optional
       ``ce_weight``·CE(S(x'), y) (default 0: pure function matching).
+    * ``pred_major`` (logged): the share of the batch on the student's most frequent class at x'. It goes to 1
+      when a BatchNorm-free student collapses to a constant prediction (docs/methods/advfunmatch.md,
+      "Stability": large early steps switch every hidden ReLU off for good).
 
     Assumptions, not from the paper: ε = 8/255, step 2/255, 10 steps, the 0.001·N(0, I) start and the
     eval-mode student during the attack (``attack_mode``) of AdaAD, whose inner step this reading shares;
@@ -138,6 +150,7 @@ class AdvFunMatch(Method):
         )
         logs = {k: v.detach() for k, v in terms.items()}
         logs["agree_adv"] = (logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
+        logs["pred_major"] = majority_share(logits.detach())
         if self.mixup_alpha > 0:
             logs["mixup_lambda"] = lam
         # The student never sees the un-perturbed input here, so there are no clean logits to report.
