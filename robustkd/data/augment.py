@@ -73,6 +73,11 @@ class KorniaPolicy:
 
     kornia's colour operations require three channels, so a one-channel batch is repeated to three and
     averaged back afterwards (the colour ops then act as their greyscale counterparts).
+
+    kornia draws one sub-policy for a whole batch; the papers' pipelines (torchvision transforms in a data
+    loader) draw one per image. A whole batch inverted or solarised at once gives a batch of one-class
+    teacher targets and a gradient about 4x the usual, which can kill every ReLU of a small student
+    (docs/methods/advfunmatch.md, "Stability"), so each image gets its own draw, as in the papers.
     """
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -82,7 +87,8 @@ class KorniaPolicy:
         _check_batch(x)
         grey = x.shape[1] == 1
         with torch.no_grad():
-            out = self.module(x.repeat(1, 3, 1, 1) if grey else x)
+            x3 = x.repeat(1, 3, 1, 1) if grey else x
+            out = torch.cat([self.module(image[None]) for image in x3])
         if grey:
             out = out.mean(dim=1, keepdim=True)
         return out.clamp_(0.0, 1.0)
