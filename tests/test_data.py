@@ -858,17 +858,28 @@ def test_real_cifar10_jpeg(monkeypatch):
     assert torch.allclose(sample.std(dim=(0, 2, 3)), torch.tensor(ds.info.std), atol=0.005)
 
 
-@pytest.mark.parametrize("name", ["randaugment", "autoaugment"])
-def test_policy_augmentation_draws_one_sub_policy_per_image(name):
+def test_randaugment_draws_one_sub_policy_per_image():
     # kornia alone draws one sub-policy per batch: 32 copies of one image come out in at most four forms
     # (each of its two operations applied or not).
     # The papers' loaders draw per image, so the copies must come out (nearly) all different.
     from robustkd.data.augment import AUGMENTS
 
     torch.manual_seed(0)
-    policy = AUGMENTS.get(name)(data.FASHION_MNIST)
+    policy = AUGMENTS.get("randaugment")(data.FASHION_MNIST)
     x = torch.rand(1, 1, 28, 28).repeat(32, 1, 1, 1)
     out = policy(x)
     assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     distinct = {tuple((row * 1000).round().tolist()) for row in out.flatten(1)}
     assert len(distinct) >= 10
+
+
+@pytest.mark.parametrize("name", ["randaugment", "autoaugment"])
+def test_policy_augmentation_sees_one_image_at_a_time(name, monkeypatch):
+    from robustkd.data.augment import AUGMENTS
+
+    policy = AUGMENTS.get(name)(data.CIFAR10)
+    sizes: list[int] = []
+    inner = policy.module.forward
+    monkeypatch.setattr(policy.module, "forward", lambda x, *a, **k: sizes.append(len(x)) or inner(x, *a, **k))
+    out = policy(torch.rand(5, 3, 32, 32))
+    assert out.shape == (5, 3, 32, 32) and sizes == [1] * 5
