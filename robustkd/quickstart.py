@@ -21,6 +21,11 @@ from robustkd.errors import ConfigError
 STUDENTS = ("kd", "kdiga", "advfunmatch", "faithful")
 STUDENT_METHODS = (*STUDENTS, "ard")
 
+TEACHER_MODEL: dict[str, Any] = {"arch": "dm_small"}
+# The students keep the teacher's convolutions but a hidden layer of 20 units instead of 100: 72,726 parameters
+# against the teacher's 329,606 on Fashion-MNIST, 4.5x fewer, so the report shows what distillation compresses.
+STUDENT_MODEL: dict[str, Any] = {"arch": "dm_small", "args": {"linear_size": 20}}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -45,7 +50,7 @@ def teacher_config(plan: Plan) -> dict[str, Any]:
         "seed": plan.seed,
         "epochs": epochs,
         "data": _data(plan, 256),
-        "model": {"arch": "dm_small"},
+        "model": dict(TEACHER_MODEL),
         "method": {
             "name": "ibp",
             "args": {
@@ -86,7 +91,7 @@ def student_config(method: str, plan: Plan) -> dict[str, Any]:
         "seed": plan.seed,
         "epochs": plan.faithful_epochs if ramped else plan.student_epochs,
         "data": _data(plan, 256 if ramped else 128),
-        "model": {"arch": "dm_small"},
+        "model": dict(STUDENT_MODEL),
         "method": {"name": method, "args": args},
         "optim": optim,
         "validate": {"select": "last"},
