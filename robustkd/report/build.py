@@ -11,6 +11,7 @@ import robustkd.report.collect as collect
 import robustkd.report.plots as plots
 import robustkd.report.ranking as ranking
 import robustkd.report.render as render
+import robustkd.report.teachercard as teachercard
 from robustkd.checkpoint import load_model
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -63,6 +64,7 @@ def make_report(
         ordered.append(rows[t.name])
         ordered += [rows[s.name] for s in students if s.teacher is t]
     protocol, threat = collect.threat_at(settings.eps)
+    card_files = {t.name: collect.card_record(t) for t in teachers}
     result = {
         "title": "robustkd report",
         "settings": {
@@ -79,6 +81,7 @@ def make_report(
         },
         **_ranking(ordered),
     }
+    result["teacher_cards"] = teachercard.teacher_cards(ordered, result["settings"], card_files)
     figures = plots.all_figures(ordered, extras, settings, thresholds)
     _write(out, result, figures)
     result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
@@ -108,6 +111,7 @@ def _rows(
         row, extra = rows[student.name], extras[student.name]
         row.update(_faithfulness_columns(student, settings, ctx, extra))
         row.update(_certified_columns(student, settings, ctx, extra))
+        row.update(teachercard.compression(row, rows[student.teacher.name]))
         row["verdict"] = verdict(row, rows[student.teacher.name], thresholds, settings.eps)
     return rows, extras
 
@@ -237,6 +241,7 @@ def _certified_columns(student: Model, settings: ReportSettings, ctx: Context, e
         )
         if eps == settings.eps:
             out["certified_agreement"] = block["agreement_certified"]
+            out["teacher_certified_accuracy"] = data["teacher"]["certified_accuracy"]
             out["certified_gap"] = {key: block["gap_upper"][key] for key in CERT_GAP_KEYS}
             out.update(_vacuity(data["per_example"], extra))
     extra["certified_agreement"] = curve
