@@ -1,14 +1,15 @@
 """``robustkd quickstart``: the whole pipeline, small and offline, on Fashion-MNIST.
 
-A certifiably trained (IBP) teacher, students distilled from it with several methods, and one report
-(``robustkd report``) comparing them: clean / PGD / CW accuracy, empirical relative calibration (attacks) and
-certified relative calibration (bounds) at two radii. Sizes are chosen so the picture is already meaningful
-on two CPU cores in minutes.
+A certifiably trained (IBP) teacher, students 4.5x smaller (parameters) distilled from it with several
+methods, and one report (``robustkd report``) comparing them: size and latency against the teacher, clean /
+PGD / CW accuracy, empirical relative calibration (attacks) and certified relative calibration (bounds) at two
+radii. Sizes are chosen so the picture is already meaningful on two CPU cores in minutes.
 Every stage resumes: a finished run (``results.json`` present) is reused, an interrupted one resumes.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ def teacher_config(plan: Plan) -> dict[str, Any]:
         "seed": plan.seed,
         "epochs": epochs,
         "data": _data(plan, 256),
-        "model": dict(TEACHER_MODEL),
+        "model": copy.deepcopy(TEACHER_MODEL),
         "method": {
             "name": "ibp",
             "args": {
@@ -91,7 +92,7 @@ def student_config(method: str, plan: Plan) -> dict[str, Any]:
         "seed": plan.seed,
         "epochs": plan.faithful_epochs if ramped else plan.student_epochs,
         "data": _data(plan, 256 if ramped else 128),
-        "model": dict(STUDENT_MODEL),
+        "model": copy.deepcopy(STUDENT_MODEL),
         "method": {"name": method, "args": args},
         "optim": optim,
         "validate": {"select": "last"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_card_is_written_beside_the_checkpoint(card, runs):
     assert saved == {k: v for k, v in card.items() if k != "output"}
     for name, source in card["sources"].items():  # the JSON of every evaluation is kept beside it
         assert source == str(runs["teacher"] / f"best.card.{name}.json")
-        assert json.loads(open(source).read())
+        assert json.loads(Path(source).read_text())
 
 
 def test_identity_size_and_hash(card, runs):
@@ -63,7 +64,7 @@ def test_accuracies_agree_with_the_model_and_each_other(card, runs):
     # A certificate is a proof over the whole ball, an attack searches part of it: certified <= attacked <= clean.
     for method in ("ibp", "crown-ibp"):
         assert acc[f"certified_{method}"] <= min(acc["pgd20"], acc["cw20"]) <= acc["clean"]
-    assert acc["certified_crown-ibp"] >= 0 and 0 < acc["clean"]
+    assert acc["certified_crown-ibp"] >= 0 and acc["clean"] > 0
     assert acc["autoattack"] <= card["autoattack"]["clean"]
 
 
