@@ -63,17 +63,9 @@ def make_report(
     for t in teachers:
         ordered.append(rows[t.name])
         ordered += [rows[s.name] for s in students if s.teacher is t]
-    protocol, threat = collect.threat_at(settings.eps)
-    card_files = {t.name: collect.card_record(t) for t in teachers}
     result = {
         "title": "robustkd report",
-        "settings": {
-            **settings.to_dict(),
-            "protocol": protocol,
-            "threat": threat.to_dict(),
-            "device": str(dev),
-            "data_root": data_root,
-        },
+        "settings": _stated(settings, dev, data_root),
         "thresholds": thresholds.to_dict(),
         "models": ordered,
         "summary": {
@@ -81,11 +73,19 @@ def make_report(
         },
         **_ranking(ordered),
     }
-    result["teacher_cards"] = teachercard.teacher_cards(ordered, result["settings"], card_files)
+    cards = {t.name: collect.card_record(t) for t in teachers}
+    result["teacher_cards"] = teachercard.teacher_cards(ordered, result["settings"], cards)
     figures = plots.all_figures(ordered, extras, settings, thresholds)
     _write(out, result, figures)
     result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
     return result
+
+
+def _stated(settings: ReportSettings, dev: Any, data_root: str | None) -> dict[str, Any]:
+    """The settings as the report states them: with the protocol at eps, its attack budget, device and data."""
+    protocol, threat = collect.threat_at(settings.eps)
+    extra = {"protocol": protocol, "threat": threat.to_dict(), "device": str(dev), "data_root": data_root}
+    return {**settings.to_dict(), **extra}
 
 
 def _ranking(rows: list[dict[str, Any]]) -> dict[str, Any]:
