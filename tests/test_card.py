@@ -139,6 +139,7 @@ def test_report_shows_the_card_and_the_compression(card, runs, tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     for page in (md, html):
         assert "Teacher card" in page and card["weights_sha256"] in page and "first 6 (a subset)" in page
+        assert f"clean accuracy on them {card['autoattack']['clean']:.4f}" in page
     rows = {row["name"]: row for row in result["models"]}
     assert rows["kd"]["compression"] == rows["teacher"]["params"] / rows["kd"]["params"]
     assert rows["kd"]["latency_ratio"] == rows["teacher"]["latency_ms"] / rows["kd"]["latency_ms"]

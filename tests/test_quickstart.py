@@ -18,6 +18,7 @@ TINY = Plan(
     student_epochs=1,
     faithful_epochs=2,
     n_eval=40,
+    card_autoattack=8,
     attack_steps=2,
     faithfulness_steps=2,
 )
@@ -43,7 +44,7 @@ def test_report_has_every_model_and_output(quick):
     for kind in ("html", "md", "json"):
         assert (out / "report" / f"report.{kind}").is_file()
     assert set(result["summary"]) == set(STUDENTS)
-    assert all(result["seconds"][stage] >= 0 for stage in ("teacher", *STUDENTS, "report", "total"))
+    assert all(result["seconds"][stage] >= 0 for stage in ("teacher", "card", *STUDENTS, "report", "total"))
     for row in result["models"][1:]:
         assert row["certified_agreement"] is not None and row["disagreement"] is not None
 
@@ -62,6 +63,14 @@ def test_students_are_at_least_four_times_smaller_and_the_report_says_so(quick):
     md = (out / "report" / "report.md").read_text()
     assert "compression (T/S params)" in md and "latency ratio (T/S)" in md and "| 4.53x |" in md
     assert "## Teacher card" in md and "329,606 parameters" in md
+    # The teacher card is the card file robustkd card wrote beside the teacher, at the report's radius.
+    card = json.loads((out / "teacher" / "best.card.json").read_text())
+    (section,) = result["teacher_cards"]
+    assert section["source"] == str(out / "teacher" / "best.card.json") and card["protocol"]["eps"] == TINY.eps
+    assert (card["robustness"]["n"], card["autoattack"]["n"]) == (TINY.n_eval, TINY.card_autoattack)
+    shown = {row["measure"]: row["accuracy"] for row in section["rows"]}
+    assert shown["clean"] == rows["teacher"]["clean"] and shown["autoattack"] == card["accuracy"]["autoattack"]
+    assert shown["certified (crown-ibp)"] == card["accuracy"]["certified_crown-ibp"] <= shown["pgd20"]
     printed = table(result["models"])
     assert "smaller" in printed and "faster" in printed and "4.53x" in printed
 

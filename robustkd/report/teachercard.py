@@ -32,10 +32,11 @@ def from_card(teacher: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
         measure = name if name == "autoattack" else f"certified ({name})"
         if "skipped" in block:
             rows.append({"measure": measure, "accuracy": None, "points": f"skipped: {block['skipped']}"})
-        else:
-            rows.append(
-                {"measure": measure, "accuracy": block["accuracy"], "points": _points(block["n"], block["subset"])}
-            )
+            continue
+        points = _points(block["n"], block["subset"])
+        if name == "autoattack" and block["subset"]:  # its own, smaller subset: the clean accuracy there says more
+            points += f"; clean accuracy on them {block['clean']:.4f}"
+        rows.append({"measure": measure, "accuracy": block["accuracy"], "points": points})
     latency = card["latency"]
     batches = {key[len("batch_") : -len("_ms")]: ms for key, ms in latency.items() if key.startswith("batch_")}
     return {
