@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustkd.jobs.card import ATTACKS, VERIFIERS
+
 
 def compression(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | None]:
     """Teacher parameters / student parameters, and teacher latency / student latency (both measured here)."""
     ratio = teacher["params"] / student["params"] if student.get("params") else None
     speed = teacher["latency_ms"] / student["latency_ms"] if student.get("latency_ms") else None
     return {"compression": ratio, "latency_ratio": speed}
+
+
+def _order(name: str, known: tuple[str, ...]) -> tuple[int, str]:
+    """The card's own order (clean, pgd20, cw20; ibp, crown-ibp), not the JSON file's alphabetical one."""
+    return (known.index(name) if name in known else len(known), name)
 
 
 def _points(n: int | None, subset: bool | None) -> str:
@@ -26,9 +33,10 @@ def from_card(teacher: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
     robustness = card["robustness"]
     rows = [
         {"measure": name, "accuracy": block["accuracy"], "points": _points(robustness["n"], robustness["subset"])}
-        for name, block in robustness["attacks"].items()
+        for name, block in sorted(robustness["attacks"].items(), key=lambda item: _order(item[0], ATTACKS))
     ]
-    for name, block in [("autoattack", card["autoattack"]), *card["certified"].items()]:
+    certified = sorted(card["certified"].items(), key=lambda item: _order(item[0], VERIFIERS))
+    for name, block in [("autoattack", card["autoattack"]), *certified]:
         measure = name if name == "autoattack" else f"certified ({name})"
         if "skipped" in block:
             rows.append({"measure": measure, "accuracy": None, "points": f"skipped: {block['skipped']}"})
@@ -39,6 +47,7 @@ def from_card(teacher: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
         rows.append({"measure": measure, "accuracy": block["accuracy"], "points": points})
     latency = card["latency"]
     batches = {key[len("batch_") : -len("_ms")]: ms for key, ms in latency.items() if key.startswith("batch_")}
+    batches = dict(sorted(batches.items(), key=lambda item: int(item[0])))  # the JSON file sorts its keys as text
     return {
         **_identity(teacher),
         "source": card["output"],
