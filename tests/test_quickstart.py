@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from robustkd.cli import main
+from robustkd.cli.quickstart import table
 from robustkd.quickstart import STUDENTS, Plan, run
 
 pytestmark = pytest.mark.slow
@@ -17,6 +18,7 @@ TINY = Plan(
     student_epochs=1,
     faithful_epochs=2,
     n_eval=40,
+    card_autoattack=8,
     attack_steps=2,
     faithfulness_steps=2,
 )
@@ -42,9 +44,35 @@ def test_report_has_every_model_and_output(quick):
     for kind in ("html", "md", "json"):
         assert (out / "report" / f"report.{kind}").is_file()
     assert set(result["summary"]) == set(STUDENTS)
-    assert all(result["seconds"][stage] >= 0 for stage in ("teacher", *STUDENTS, "report", "total"))
+    assert all(result["seconds"][stage] >= 0 for stage in ("teacher", "card", *STUDENTS, "report", "total"))
     for row in result["models"][1:]:
         assert row["certified_agreement"] is not None and row["disagreement"] is not None
+
+
+def test_students_are_at_least_four_times_smaller_and_the_report_says_so(quick):
+    out, result = quick
+    rows = {row["name"]: row for row in result["models"]}
+    teacher = rows["teacher"]
+    # DM-small on Fashion-MNIST: conv 1->16 4x4, conv 16->32 4x4, FC 32*10*10 -> hidden, FC hidden -> 10.
+    convs = (16 * 16 + 16) + (32 * 16 * 16 + 32)
+    assert teacher["params"] == convs + (3200 * 100 + 100) + (100 * 10 + 10) == 329_606
+    for name in STUDENTS:
+        assert rows[name]["params"] == convs + (3200 * 20 + 20) + (20 * 10 + 10) == 72_726
+        assert rows[name]["compression"] == teacher["params"] / rows[name]["params"] >= 4
+        assert rows[name]["latency_ratio"] == teacher["latency_ms"] / rows[name]["latency_ms"] > 0
+    md = (out / "report" / "report.md").read_text()
+    assert "compression (T/S params)" in md and "latency ratio (T/S)" in md and "| 4.53x |" in md
+    assert "## Teacher card" in md and "329,606 parameters" in md
+    # The teacher card is the card file robustkd card wrote beside the teacher, at the report's radius.
+    card = json.loads((out / "teacher" / "best.card.json").read_text())
+    (section,) = result["teacher_cards"]
+    assert section["source"] == str(out / "teacher" / "best.card.json") and card["protocol"]["eps"] == TINY.eps
+    assert (card["robustness"]["n"], card["autoattack"]["n"]) == (TINY.n_eval, TINY.card_autoattack)
+    shown = {row["measure"]: row["accuracy"] for row in section["rows"]}
+    assert shown["clean"] == rows["teacher"]["clean"] and shown["autoattack"] == card["accuracy"]["autoattack"]
+    assert shown["certified (crown-ibp)"] == card["accuracy"]["certified_crown-ibp"] <= shown["pgd20"]
+    printed = table(result["models"])
+    assert "smaller" in printed and "faster" in printed and "4.53x" in printed
 
 
 def test_report_numbers_equal_separate_commands(quick, tmp_path):
@@ -61,7 +89,8 @@ def test_second_run_reuses_everything(quick):
     again = run(out, plan=TINY, progress=False, device="cpu")
 
     def numbers(rows):  # latency is measured afresh on every report
-        return [{k: v for k, v in row.items() if k != "latency_ms"} for row in rows]
+        return [{k: v for k, v in row.items() if k not in ("latency_ms", "latency_ratio")} for row in rows]
 
     assert numbers(again["models"]) == numbers(first["models"])
+    assert [c["rows"] for c in again["teacher_cards"]] == [c["rows"] for c in first["teacher_cards"]]
     assert again["seconds"]["total"] < first["seconds"]["total"]

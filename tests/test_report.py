@@ -176,6 +176,29 @@ def test_size_speed_and_training_curves(report, runs):
     assert rows["kd"]["params"] == params == rows["teacher"]["params"]
     assert all(row["latency_ms"] > 0 and row["latency_device"] == "cpu" for row in rows.values())
     assert (out / "plots" / "training_curves.png").is_file()
+    # Compression and latency ratio: the teacher's over the student's, students only (a noisy copy: 1x the size).
+    assert rows["kd"]["compression"] == 1.0 and "compression" not in rows["teacher"]
+    assert rows["kd"]["latency_ratio"] == rows["teacher"]["latency_ms"] / rows["kd"]["latency_ms"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert "compression (T/S params)" in text and "latency ratio (T/S)" in text
+    assert f"| {rows['kd']['latency_ratio']:.2f}x |" in md and "| 1.00x |" in md
+
+
+def test_teacher_card_from_the_reports_own_figures(report):
+    result, out = report
+    rows = _rows(result)
+    (card,) = result["teacher_cards"]
+    assert card["source"].startswith("this report") and card["params"] == rows["teacher"]["params"]
+    shown = {row["measure"]: row["accuracy"] for row in card["rows"]}
+    assert {k: shown[k] for k in rows["teacher"]["accuracy"]} == rows["teacher"]["accuracy"]
+    # The teacher's certified accuracy is the one the pair certificate states for it.
+    cert = json.loads(Path(rows["kd"]["certify_sources"]["certify@0.1"]).read_text())
+    assert shown["certified (ibp)"] == cert["teacher"]["certified_accuracy"]
+    assert card["weights_sha256"] == rows["teacher"]["weights_sha256"]
+    md = (out / "report.md").read_text()
+    assert "## Teacher card" in md
+    assert f"| certified (ibp) | {shown['certified (ibp)']:.4f} | first 24 (a subset) |" in md
 
 
 def test_results_are_cached_and_keyed_by_settings(report, runs, tmp_path, monkeypatch):

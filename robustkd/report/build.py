@@ -11,6 +11,7 @@ import robustkd.report.collect as collect
 import robustkd.report.plots as plots
 import robustkd.report.ranking as ranking
 import robustkd.report.render as render
+import robustkd.report.teachercard as teachercard
 from robustkd.checkpoint import load_model
 from robustkd.errors import ConfigError, RobustKDError
 from robustkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -62,16 +63,9 @@ def make_report(
     for t in teachers:
         ordered.append(rows[t.name])
         ordered += [rows[s.name] for s in students if s.teacher is t]
-    protocol, threat = collect.threat_at(settings.eps)
     result = {
         "title": "robustkd report",
-        "settings": {
-            **settings.to_dict(),
-            "protocol": protocol,
-            "threat": threat.to_dict(),
-            "device": str(dev),
-            "data_root": data_root,
-        },
+        "settings": _stated(settings, dev, data_root),
         "thresholds": thresholds.to_dict(),
         "models": ordered,
         "summary": {
@@ -79,10 +73,19 @@ def make_report(
         },
         **_ranking(ordered),
     }
+    cards = {t.name: collect.card_record(t) for t in teachers}
+    result["teacher_cards"] = teachercard.teacher_cards(ordered, result["settings"], cards)
     figures = plots.all_figures(ordered, extras, settings, thresholds)
     _write(out, result, figures)
     result["outputs"] = {kind: str(out / f"report.{kind}") for kind in ("html", "md", "json")}
     return result
+
+
+def _stated(settings: ReportSettings, dev: Any, data_root: str | None) -> dict[str, Any]:
+    """The settings as the report states them: with the protocol at eps, its attack budget, device and data."""
+    protocol, threat = collect.threat_at(settings.eps)
+    extra = {"protocol": protocol, "threat": threat.to_dict(), "device": str(dev), "data_root": data_root}
+    return {**settings.to_dict(), **extra}
 
 
 def _ranking(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,6 +111,7 @@ def _rows(
         row, extra = rows[student.name], extras[student.name]
         row.update(_faithfulness_columns(student, settings, ctx, extra))
         row.update(_certified_columns(student, settings, ctx, extra))
+        row.update(teachercard.compression(row, rows[student.teacher.name]))
         row["verdict"] = verdict(row, rows[student.teacher.name], thresholds, settings.eps)
     return rows, extras
 
@@ -237,6 +241,7 @@ def _certified_columns(student: Model, settings: ReportSettings, ctx: Context, e
         )
         if eps == settings.eps:
             out["certified_agreement"] = block["agreement_certified"]
+            out["teacher_certified_accuracy"] = data["teacher"]["certified_accuracy"]
             out["certified_gap"] = {key: block["gap_upper"][key] for key in CERT_GAP_KEYS}
             out.update(_vacuity(data["per_example"], extra))
     extra["certified_agreement"] = curve

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 import robustkd.jobs as jobs
+import robustkd.jobs.card as card
 from robustkd._version import __version__
 from robustkd.attacks.threat import PRESETS, ThreatModel
 from robustkd.certify._graph import UnsupportedModelError
@@ -340,33 +339,12 @@ def _common_args(settings: ReportSettings, ctx: Context) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- size and speed
+# One latency measurement for the report and the teacher card: the median of timed eval-mode forwards.
+latency_ms = card.latency_ms
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def latency_ms(
-    model: nn.Module, input_shape: list[int], batch_size: int, device: torch.device, repeats: int = 10
-) -> float:
-    """Median wall time of one eval-mode forward of a batch, in milliseconds, after two warm-up passes."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, *input_shape, generator=generator).to(device)
-    times = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(repeats + 2):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return 1000 * statistics.median(times)
 
 
 def training_curve(run_dir: Path) -> list[dict[str, Any]]:
@@ -383,6 +361,20 @@ def training_curve(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and "epoch" in row:
             rows.append(row)
     return rows
+
+
+def card_record(model: Model) -> dict[str, Any] | None:
+    """The card ``robustkd card`` wrote beside this checkpoint (``<name>.card.json``), if it is of these weights."""
+    path = card.card_path(model.weights)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("weights_sha256") != model.sha256:
+        return None  # a card of older weights says nothing about these
+    return {**record, "output": str(path)}
 
 
 def export_record(model: Model) -> dict[str, Any] | None:

@@ -82,14 +82,16 @@ def accuracy_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Every model, each student below its teacher: size, speed and accuracy, students' deltas in brackets."""
     settings = result["settings"]
     attacks = _attacks(result)
-    header = ["model", "role", "arch", "method", "params", f"latency (ms / {settings['batch_size']})", "clean",
-              *attacks, "robust (worst)", "ONNX"]  # fmt: skip
+    header = ["model", "role", "arch", "method", "params", f"latency (ms / {settings['batch_size']})",
+              "compression (T/S params)", "latency ratio (T/S)", "clean", *attacks, "robust (worst)",
+              "ONNX"]  # fmt: skip
     teachers = _teachers(result)
     body = []
     for row in result["models"]:
         ref = teachers.get(row["teacher"]) if row["role"] == "student" else None
         cells = [row["name"], row["role"], str(row["arch"]), str(row["method"]), f"{row['params']:,}"]
         cells.append(f"{row['latency_ms']:.2f}")
+        cells += [_ratio(row.get("compression")), _ratio(row.get("latency_ratio"))]
         for key in ("clean", *attacks):
             value = row["accuracy"].get(key)
             cells.append(_delta(value, ref["accuracy"].get(key)) if ref else _num(value))
@@ -97,6 +99,38 @@ def accuracy_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells.append(_export_cell(row.get("export")))
         body.append(cells)
     return header, body
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def card_lines(card: dict[str, Any]) -> list[str]:
+    """What a teacher card says about the model before its numbers: identity, size, latency, where it comes from."""
+    latency = ", ".join(f"{ms:.2f} ms at batch {batch}" for batch, ms in card["latency"]["ms"].items())
+    return [
+        f"{card['name']}: {card['arch']} on {card['dataset']}, {card['params']:,} parameters; "
+        f"protocol {card['protocol']} (eps {card['eps']:.4g})",
+        f"latency on {card['latency']['device']}: {latency}",
+        f"weights SHA-256 {card['weights_sha256']}",
+        f"source: {card['source']}",
+    ]
+
+
+def card_table(card: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The teacher card's accuracies, each with the test points it was measured on (or why it was skipped)."""
+    body = [[row["measure"], _num(row["accuracy"]), row["points"]] for row in card["rows"]]
+    return ["measure", "accuracy", "test points"], body
+
+
+def _card_html(result: dict[str, Any]) -> list[str]:
+    e = html_escape
+    parts = []
+    for i, card in enumerate(result.get("teacher_cards", [])):
+        parts.append(f'<div class="card" data-teacher="{e(card["name"])}">')
+        parts += [f"<p>{e(line)}</p>" for line in card_lines(card)]
+        parts += [_html_table(*card_table(card), f"teacher-card-{i}", text_columns=1), "</div>"]
+    return parts
 
 
 def _cert_gap_cell(row: dict[str, Any], key: str) -> str:
@@ -253,7 +287,7 @@ def html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
             cls = "safe" if row["verdict"]["safe"] else "unsafe"
             name = f"<b>{e(row['name'])}</b> (teacher: {e(row['teacher'])})"
             parts.append(f'<li class="{cls}">{name}: {e(row["verdict"]["text"])}</li>')
-    parts += ["</ul>", "<h2>Size and accuracy</h2>"]
+    parts += ["</ul>", "<h2>Teacher card</h2>", *_card_html(result), "<h2>Size and accuracy</h2>"]
     header, body = accuracy_table(result)
     attrs = [f' class="{row["role"]}" data-model="{e(row["name"])}"' for row in result["models"]]
     parts.append(_html_table(header, body, "models", attrs, text_columns=4))
@@ -307,7 +341,9 @@ def _column_note(result: dict[str, Any]) -> str:
         "attack found the two predictions differing, gap qXX the quantiles of the worst confidence gap found "
         "(f_T^y - f_S^y, student under-confident). Certified columns are lower (agreement) and upper (gap) "
         "bounds over the whole ball. Latency is the median of 10 forward passes of one batch on the device named "
-        "in the settings. See docs/report.md."
+        "in the settings; for students, compression is the teacher's parameter count over the student's and the "
+        "latency ratio the teacher's latency over the student's (above 1: the student is faster). "
+        "See docs/report.md."
     )
 
 
@@ -327,7 +363,10 @@ def markdown(result: dict[str, Any], figure_names: list[str]) -> str:
     for row in result["models"]:
         if row["role"] == "student":
             lines.append(f"- **{who(row)}**: {row['verdict']['text']}")
-    lines += ["", "## Size and accuracy", "", *_md_table(*accuracy_table(result))]
+    lines += ["", "## Teacher card", ""]
+    for card in result.get("teacher_cards", []):
+        lines += [*(f"{line}  " for line in card_lines(card)), "", *_md_table(*card_table(card))]
+    lines += ["## Size and accuracy", "", *_md_table(*accuracy_table(result))]
     lines += ["## Faithfulness to the teacher", "", *_md_table(*faithfulness_table(result))]
     for note in _notes(result):
         lines += [note, ""]
