@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from robustkd.cli.parsing import command_parser
@@ -63,8 +62,11 @@ def run(ns: Any) -> int:
         )
     print(f"wrote {checkpoint}.safetensors and .json; load it with robustkd.load_model({str(checkpoint)!r})")
     if ns.card:  # both card modules load only here: they bring the attacks and AutoAttack
-        card = importlib.import_module("robustkd.jobs.card").make_card(checkpoint, dataset=ns.dataset)
-        print(importlib.import_module("robustkd.cli.card").render_card(card))
+        from robustkd.cli.card import render_card
+        from robustkd.jobs.card import make_card
+
+        card = make_card(checkpoint, dataset=ns.dataset)
+        print(render_card(card))
         print(f"teacher card: {card['output']}")
     return 0
 

@@ -8,7 +8,6 @@ shapes (``robustkd.models.foreign``), checked against the dataset, and written a
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,8 +75,9 @@ def import_model(
     checkpoint = Path(out_dir) / "best"
     save_checkpoint(checkpoint, model, meta)
     if card:
-        # Loaded only when asked for (it brings the attacks and AutoAttack); a sibling job module.
-        importlib.import_module("robustkd.jobs.card").make_card(checkpoint, dataset=dataset)
+        from robustkd.jobs.card import make_card  # loaded only when asked for: it brings the attacks and AutoAttack
+
+        make_card(checkpoint, dataset=dataset)
     return checkpoint
 
 
