@@ -463,3 +463,29 @@ def test_a_key_typo_inside_a_threat_mapping_names_the_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{cfg}:3: validate.protocol.stepz: unknown option; did you mean 'steps'" in err
     assert err.count("\n") == 1 and "Union" not in err
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "hint"),
+    [
+        ("train", ["--config", "x.yaml"], "--resume true"),
+        ("evaluate", ["runs/x"], "run the same command again"),
+        ("export", ["runs/x"], "nothing was written"),
+    ],
+)
+def test_ctrl_c_says_how_to_continue_as_each_command_can(name, argv, hint, monkeypatch, capsys):
+    # Only train and distill take --resume; evaluate continues from its progress file; export writes atomically.
+    import dataclasses
+
+    from robustkd.cli import COMMANDS
+
+    def interrupted(ns):
+        raise KeyboardInterrupt
+
+    original = COMMANDS.get(name)
+    monkeypatch.setitem(COMMANDS._entries, name, dataclasses.replace(original, run=interrupted))
+    monkeypatch.setattr("robustkd.cli.parse", lambda *a, **k: object())
+    assert main([name, *argv]) == 130
+    err = capsys.readouterr().err
+    assert f"robustkd {name}: interrupted;" in err and hint in err
+    assert ("--resume" in err) == (name == "train")

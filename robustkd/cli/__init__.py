@@ -57,5 +57,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"robustkd {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustkd {name}: interrupted; continue with --resume true", file=sys.stderr)
+        print(f"robustkd {name}: interrupted; {command.on_interrupt}", file=sys.stderr)
         return 130

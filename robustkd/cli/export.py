@@ -7,7 +7,7 @@ from typing import Any
 from robustkd.cli.api import export_onnx, export_options
 from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
 from robustkd.cli.parsing import command_parser
-from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.table import ATOMIC, COMMANDS, Command
 
 EXAMPLES = """examples:
   robustkd export runs/fmnist_kd/best --onnx student.onnx
@@ -84,4 +84,6 @@ def run(ns: Any) -> int:
     return 0 if result["passed"] else 1
 
 
-COMMANDS.add("export", Command("a checkpoint to ONNX, checked with onnxruntime", build, run, RENAMED))
+COMMANDS.add(
+    "export", Command("a checkpoint to ONNX, checked with onnxruntime", build, run, RENAMED, on_interrupt=ATOMIC)
+)

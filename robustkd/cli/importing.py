@@ -6,7 +6,7 @@ from typing import Any
 
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.registries import listed
-from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.table import ATOMIC, COMMANDS, Command
 
 EXAMPLES = """examples:
   robustkd import Zhang2019Theoretically.pt --dataset cifar10 --out_dir teachers/zhang2019
@@ -71,4 +71,7 @@ def run(ns: Any) -> int:
     return 0
 
 
-COMMANDS.add("import", Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run))
+COMMANDS.add(
+    "import",
+    Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run, on_interrupt=ATOMIC),
+)

@@ -8,7 +8,7 @@ from typing import Any
 from robustkd.cli.configfile import locate
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.registries import listed
-from robustkd.cli.table import COMMANDS, Command
+from robustkd.cli.table import COMMANDS, RESUME, Command
 from robustkd.errors import ConfigError, RobustKDError
 
 TRAIN_EXAMPLES = """examples:
@@ -137,5 +137,10 @@ def run_distill(args: Any) -> int:
     return _run(args, require_teacher=True)
 
 
-COMMANDS.add("train", Command("train a model (e.g. a robust teacher) with one of the methods", build_train, run_train))
-COMMANDS.add("distill", Command("distil a teacher into a student", build_distill, run_distill))
+COMMANDS.add(
+    "train",
+    Command(
+        "train a model (e.g. a robust teacher) with one of the methods", build_train, run_train, on_interrupt=RESUME
+    ),
+)
+COMMANDS.add("distill", Command("distil a teacher into a student", build_distill, run_distill, on_interrupt=RESUME))
