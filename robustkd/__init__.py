@@ -28,6 +28,7 @@ _SUBPACKAGES = (
     "attacks",
     "certify",
     "checkpoint",
+    "compare",
     "config",
     "data",
     "engine",
@@ -108,4 +109,4 @@ def load_model(path: Any, **kwargs: Any) -> Any:
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "certify", "distill", "evaluate", "load_model", "report", "train"]
+__all__ = ["__version__", "certify", "compare", "distill", "evaluate", "load_model", "report", "train"]
