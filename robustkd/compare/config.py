@@ -76,7 +76,8 @@ class Evaluation:
     def key(self) -> dict[str, Any]:
         """The settings an evaluation result must have been made with to be reused."""
         fields = ("protocol", "attacks", "n_examples", "batch_size", "seed", "autoattack", "certify")
-        return {f: getattr(self, f) for f in fields}
+        # As JSON gives it back (lists, not tuples), so a stored record compares equal.
+        return json.loads(json.dumps({f: getattr(self, f) for f in fields}))
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,14 @@ def method_section(label: str, spec: dict[str, Any], root: Path) -> dict[str, An
 def validate_train_config(raw: dict[str, Any], where: str) -> None:
     """The training config's own checks (unknown keys, values, the method and its options), before any work."""
     from robustkd.config import from_dict, validate
+    from robustkd.data.augment import AUGMENTS
     from robustkd.methods import build_method
 
     try:
         cfg = validate(from_dict({**raw, "teacher": raw.get("teacher") or None}))
         build_method(cfg.method.name, cfg.method.args)
+        if cfg.data.augment is not None and cfg.data.augment not in AUGMENTS:  # else found only when training starts
+            raise ConfigError(f"data.augment: {AUGMENTS.unknown_message(cfg.data.augment)}")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except Exception as err:  # a registry error about a method name is one line too

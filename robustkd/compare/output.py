@@ -16,8 +16,10 @@ NAMES = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "robust": "robust
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """clean, the attacks (pgd20, cw20, ...), then robust, AutoAttack and certified agreement."""
     present = {m for row in rows for m in row["metrics"]}
-    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+    rank = {m: i for i, m in enumerate(ORDER)}
+    return sorted(present, key=lambda m: (rank.get(m, rank["robust"] - 0.5), m))
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -60,6 +62,9 @@ def claims_markdown(claims: list[dict[str, Any]]) -> str:
     header = "| claim | comparison | verdict | difference [interval] | p (Holm) | McNemar p (Holm) |"
     lines = [header, "|---|---|---|---|---|---|"]
     for claim in claims:
+        if claim["verdict"] == "not run":  # one line, not one per comparison
+            lines.append(f"| {claim['claim']} — **not run** | – | not run | – | – | – |")
+            continue
         for i, row in enumerate(claim["comparisons"]):
             first = f"{claim['claim']} — **{claim['verdict']}**" if i == 0 else ""
             p = f"{row['p_holm']:.3g}" if "p_holm" in row else "–"

@@ -26,11 +26,6 @@ def matrices(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, np.ndarra
     return out
 
 
-def metric_names(results: dict[str, dict[str, np.ndarray]]) -> list[str]:
-    present = {m for per in results.values() for m in per}
-    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
-
-
 def _metric(matrix: np.ndarray, confidence: float, n_boot: int, seed: int) -> dict[str, Any]:
     n = matrix.shape[1]
     runs = []
