@@ -1,4 +1,4 @@
-"""``robustkd compare`` end to end at a tiny size: runs, reuse after a kill, leaderboard, claim verdicts, bad configs."""
+"""``robustkd compare`` end to end at a tiny size: runs, reuse after a kill, leaderboard, verdicts, bad configs."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from robustkd.compare import stats
+import robustkd.compare.stats as stats
 from robustkd.errors import ConfigError
 
 _SIDE = re.compile(r"^\s*(\{[^}]*\}|[\w.\-]+(?:\[[^\]]*\])?)(?:\.(\{[^}]*\}|\w+))?\s*$")
@@ -100,7 +100,8 @@ def load_claims(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"claims: {path}: entry {i + 1} needs a 'claim' string")
         unknown = set(entry) - {"claim", "source", "note"}
         if unknown:
-            raise ConfigError(f"claims: {path}: entry {i + 1}: unknown key {sorted(unknown)[0]!r} (claim, source, note)")
+            key = sorted(unknown)[0]
+            raise ConfigError(f"claims: {path}: entry {i + 1}: unknown key {key!r} (claim, source, note)")
         parse_claim(entry["claim"])
     return entries
 

@@ -227,7 +227,8 @@ def _protocol(raw: Any) -> dict[str, Any]:
 
 def _seeds(raw: Any) -> list[int]:
     seeds = [raw] if isinstance(raw, int) and not isinstance(raw, bool) else raw
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not seeds or not integers:
         raise ConfigError(f"seeds: expected a list of integers, e.g. [0, 1, 2], got {raw!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {seeds} repeats a seed")

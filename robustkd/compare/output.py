@@ -113,7 +113,8 @@ def _html(title: str, command: str, board: str, claims: str, png: bytes | None) 
 
     image = f'<img alt="Pareto plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
     notes = "".join(f"<p>{html.escape(line[2:])}</p>" for line in board.splitlines() if line.startswith("- "))
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}"
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    style += "td,th{border:1px solid #ccc;padding:4px}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p><code>{html.escape(command)}</code></p>{table(board)}{notes}"
@@ -127,8 +128,8 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
     board = leaderboard_markdown(summary["leaderboard"], confidence)
     claims = claims_markdown(summary["claims"]) if summary["claims"] else ""
     png = pareto_png(summary["leaderboard"])
-    paths = {name: out / f for name, f in [("md", "leaderboard.md"), ("html", "leaderboard.html"),
-                                            ("json", "leaderboard.json"), ("fragment", "results_fragment.md")]}  # fmt: skip
+    files = {"md": "leaderboard.md", "html": "leaderboard.html", "json": "leaderboard.json"}
+    paths = {name: out / f for name, f in {**files, "fragment": "results_fragment.md"}.items()}
     title = f"Comparison: {summary['name']}"
     atomic_write_text(paths["md"], f"# {title}\n\n`{summary['command']}`\n\n{board}\n## Claims\n\n{claims or 'none'}\n")
     atomic_write_text(paths["html"], _html(title, summary["command"], board, claims, png))

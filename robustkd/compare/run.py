@@ -54,9 +54,9 @@ def _line(total: int, show: bool) -> Callable[[dict[str, Any]], None]:
         if not show:
             return
         metrics = record["metrics"]
-        shown = " ".join(f"{m} {metrics[m].count('1') / len(metrics[m]):.3f}" for m in ("clean", "robust") if m in metrics)
+        shown = [f"{m} {metrics[m].count('1') / len(metrics[m]):.3f}" for m in ("clean", "robust") if m in metrics]
         print(f"[{done[0]}/{total}] {record['label']} seed {record['seed']}: {record['done']} "
-              f"in {record['seconds']:.1f} s; {shown}", flush=True)  # fmt: skip
+              f"in {record['seconds']:.1f} s; {' '.join(shown)}", flush=True)  # fmt: skip
 
     return report
 

@@ -172,7 +172,7 @@ def mcnemar(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (Holm 1979): sorted ascending, p_(i)·(m − i + 1), made monotone, capped at 1."""
+    """Holm's step-down adjusted p-values (Holm 1979): sorted ascending, p_(i)·(m − i + 1), monotone, at most 1."""
     p = np.asarray(pvalues, dtype=float)
     m = p.size
     order = np.argsort(p, kind="stable")

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from robustkd.compare import stats
+import robustkd.compare.stats as stats
 
 # The leaderboard's columns, in order; a metric no run has is left out.
 ORDER = ("clean", "pgd20", "cw20", "robust", "autoattack", "cert_agreement")
