@@ -169,3 +169,28 @@ def test_a_malformed_claims_file_fails_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="exactly one"):
         robustkd.compare(raw)
     assert not (tmp_path / "out").exists()
+
+
+COMPARE_CONFIGS = sorted(p.name for p in TINY.parent.glob("*.yaml") if p.name != "claims.yaml")
+
+
+@pytest.mark.parametrize("name", COMPARE_CONFIGS)
+def test_every_shipped_comparison_loads_and_names_its_command(name, monkeypatch):
+    monkeypatch.chdir(TINY.parents[2])
+    path = TINY.parent / name
+    text = path.read_text()
+    assert text.startswith("#") and f"robustkd compare --config configs/compare/{name}" in text
+    cfg = load_compare_config(f"configs/compare/{name}")  # every run's training config validated
+    assert cfg.runs and cfg.claims is not None and cfg.claims.exists()
+    budgets = {(r.config["epochs"], json.dumps(r.config["data"], sort_keys=True)) for r in cfg.runs if not r.exceptions}
+    ablated = {r.label for r in cfg.runs if "[" in r.label}
+    assert len(budgets) == 1 or ablated, f"{name}: runs without a written exception differ in budget"
+
+
+def test_the_shipped_claims_parse():
+    from robustkd.compare import load_claims
+
+    claims = load_claims(TINY.parent / "claims.yaml")
+    assert {"kd.robust < teacher.robust", "advfunmatch[randaugment].robust > advfunmatch[none].robust"} <= {
+        c["claim"] for c in claims
+    }
