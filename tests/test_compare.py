@@ -112,6 +112,22 @@ def test_a_run_folder_made_for_other_settings_is_refused(tmp_path):
         check_plan(tmp_path, "bbbb")
 
 
+def test_workers_run_in_spawned_processes_and_their_errors_come_back(tmp_path):
+    """Two processes: each refuses its folder (planned for other settings) and the error reaches the caller."""
+    from robustkd.compare.runs import check_plan, run_all
+
+    tasks = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"seed{seed}"
+        run_dir.mkdir()
+        check_plan(run_dir, "other")
+        tasks.append({"run_dir": str(run_dir), "key": "mine", "config": {}, "device": "cpu"})
+    seen = []
+    with pytest.raises(ConfigError, match="holds a run made with other settings"):
+        run_all(tasks, 2, seen.append)
+    assert seen == []
+
+
 def test_the_ablation_axis_and_exceptions_make_labelled_runs(tmp_path):
     raw = _tiny(tmp_path)
     raw["methods"]["kd"]["exceptions"] = {"optim.lr": 0.001}
