@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -108,6 +107,19 @@ def compare(
     return cfg.out
 
 
+def machine(device: str) -> str:
+    """Where the runs ran, for the record: the device, and the GPU's name or the CPU's core count; torch's version."""
+    import os
+
+    import torch
+
+    from robustkd.runtime import resolve_device
+
+    dev = resolve_device(device)
+    what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    return f"{dev.type} ({what}, {platform.machine()}, torch {torch.__version__})"
+
+
 def _summary(cfg: CompareConfig, records: list[dict[str, Any]], claims: list[dict[str, Any]], command: str) -> dict:
     ev = cfg.evaluation
     board = leaderboard(records, cfg.labels, confidence=ev.confidence, n_boot=ev.bootstrap, seed=ev.seed)
@@ -118,7 +130,7 @@ def _summary(cfg: CompareConfig, records: list[dict[str, Any]], claims: list[dic
         "seeds": cfg.seeds,
         "protocol": cfg.protocol,
         "evaluation": asdict(ev),
-        "device": f"{cfg.device} ({platform.machine()}, python {sys.version.split()[0]})",
+        "device": machine(cfg.device),
         "leaderboard": board,
         "claims": verdicts,
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in records],
