@@ -153,6 +153,9 @@ BAD = [
     ({"ablation": {"key": "data.augment", "values": ["none", "randaug"]}}, "randaug"),
     ({"protocol": {"seed": 3}}, "protocol.seed: set per run"),
     ({"seeds": [0, 0]}, "repeats a seed"),
+    ({"evaluation": {"certify": {"method": "crown-ibb"}}}, "evaluation.certify.method"),
+    ({"evaluation": {"confidence": 95}}, "evaluation.confidence: must be a number in [0.5, 1)"),
+    ({"evaluation": {"n_examples": 0}}, "evaluation.n_examples: must be an integer >= 1 or null"),
 ]
 
 

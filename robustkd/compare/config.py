@@ -206,15 +206,42 @@ def _evaluation(raw: Any) -> Evaluation:
         resolve_attacks(list(ev.attacks))
     except ConfigError as err:
         raise ConfigError(f"evaluation.{err}") from None
-    for name in ("n_examples", "autoattack"):
-        value = getattr(ev, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"evaluation.{name}: must be an integer >= 1 or null, got {value!r}")
-    if not isinstance(ev.bootstrap, int) or ev.bootstrap < 100:
-        raise ConfigError(f"evaluation.bootstrap: must be an integer >= 100, got {ev.bootstrap!r}")
-    if not isinstance(ev.confidence, float) or not 0.5 <= ev.confidence < 1:
-        raise ConfigError(f"evaluation.confidence: must be a number in [0.5, 1), got {ev.confidence!r}")
+    _check_numbers(ev)
+    if ev.certify is not None:
+        _check_certify(ev.certify)
     return ev
+
+
+def _integer(value: Any, where: str, least: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{where}: must be an integer >= {least}{' or null' if none_ok else ''}, got {value!r}")
+
+
+def _check_numbers(ev: Evaluation) -> None:
+    _integer(ev.n_examples, "evaluation.n_examples", 1, none_ok=True)
+    _integer(ev.autoattack, "evaluation.autoattack", 1, none_ok=True)
+    _integer(ev.batch_size, "evaluation.batch_size", 1)
+    _integer(ev.seed, "evaluation.seed", 0)
+    _integer(ev.bootstrap, "evaluation.bootstrap", 100)
+    if isinstance(ev.confidence, bool) or not isinstance(ev.confidence, float) or not 0.5 <= ev.confidence < 1:
+        raise ConfigError(f"evaluation.confidence: must be a number in [0.5, 1), got {ev.confidence!r}")
+
+
+def _check_certify(spec: dict[str, Any]) -> None:
+    """The verifier's name and the radius, checked before any training rather than after it."""
+    from robustkd.certify.bounds import get_verifier
+    from robustkd.certify.pair import as_threat
+    from robustkd.errors import RegistryError
+
+    try:
+        get_verifier(spec.get("method", "ibp"))
+        as_threat(spec.get("eps", 0.1), field="evaluation.certify.eps")
+    except RegistryError as err:
+        raise ConfigError(f"evaluation.certify.method: {str(err).strip(chr(34))}") from None
+    _integer(spec.get("n_examples"), "evaluation.certify.n_examples", 1, none_ok=True)
+    _integer(spec.get("batch_size", 256), "evaluation.certify.batch_size", 1)
 
 
 def _protocol(raw: Any) -> dict[str, Any]:
