@@ -86,6 +86,9 @@ def test_a_tiny_comparison_resumes_after_a_kill_and_judges_the_claims(tmp_path, 
     evaluated = json.loads((out / "runs/kd/seed1/eval.json").read_text())
     assert record["metrics"]["clean"].count("1") == evaluated["attacks"]["clean"]["correct"]
     assert "cert_agreement" in record["metrics"] and "cert_agreement" not in rows["teacher"]["metrics"]
+    faithful = json.loads((out / "runs/kd/seed1/faithful.json").read_text())
+    p = faithful["per_example"]["teacher_correct"]
+    assert len(record["metrics"]["agreement"]) == sum(p) == len(record["metrics"]["cert_agreement"])
 
     claims = {c["claim"]: c for c in board["claims"]}
     judged = claims["kd.robust < teacher.robust"]
@@ -145,7 +148,7 @@ def test_the_ablation_axis_and_exceptions_make_labelled_runs(tmp_path):
 
 
 BAD = [
-    ({"seed": [0]}, "bad.yaml:45: unknown option 'seed'; did you mean 'seeds'"),
+    ({"seed": [0]}, "unknown option 'seed'; did you mean 'seeds'"),
     ({"methods": {"kd": {"argz": {}}}}, "methods.kd.argz: unknown key; did you mean 'args'"),
     ({"methods": {"kdd": {}}}, "unknown method 'kdd'"),
     ({"protocol": {"optim": {"lrr": 0.1}}}, "lrr"),
@@ -172,6 +175,7 @@ def test_a_bad_config_is_one_line(tmp_path, capsys, change, message):
     assert main(["compare", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path}:" in err  # the file, and for a key the parser knows, its line
     assert not (tmp_path / "out").exists()
 
 

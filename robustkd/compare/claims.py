@@ -28,7 +28,6 @@ import robustkd.compare.stats as stats
 from robustkd.errors import ConfigError
 
 _SIDE = re.compile(r"^\s*(\{[^}]*\}|[\w.\-]+(?:\[[^\]]*\])?)(?:\.(\{[^}]*\}|\w+))?\s*$")
-METRICS = ("clean", "robust", "autoattack", "cert_agreement")
 
 
 @dataclass(frozen=True)

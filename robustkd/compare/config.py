@@ -35,9 +35,10 @@ TOP_KEYS = ("name", "out", "seeds", "teacher", "protocol", "evaluation", "method
 TEACHER_KEYS = ("checkpoint", "config", "overrides", "seed", "label")
 METHOD_KEYS = ("config", "method", "args", "exceptions")
 ABLATION_KEYS = ("key", "values", "methods")
-EVAL_KEYS = ("protocol", "attacks", "n_examples", "batch_size", "seed", "autoattack", "certify", "bootstrap",
-             "confidence")  # fmt: skip
+EVAL_KEYS = ("protocol", "attacks", "n_examples", "batch_size", "seed", "autoattack", "certify", "faithfulness",
+             "bootstrap", "confidence")  # fmt: skip
 CERTIFY_KEYS = ("eps", "method", "n_examples", "batch_size")
+FAITHFUL_KEYS = ("eps", "steps", "restarts", "n_examples", "batch_size")
 # Protocol fields are the training config's own; these are set per run by the comparison.
 PER_RUN = ("name", "out_dir", "seed", "teacher", "method", "resume")
 
@@ -70,12 +71,13 @@ class Evaluation:
     seed: int = 0
     autoattack: int | None = None
     certify: dict[str, Any] | None = None
+    faithfulness: dict[str, Any] | None = None
     bootstrap: int = 2000
     confidence: float = 0.95
 
     def key(self) -> dict[str, Any]:
         """The settings an evaluation result must have been made with to be reused."""
-        fields = ("protocol", "attacks", "n_examples", "batch_size", "seed", "autoattack", "certify")
+        fields = ("protocol", "attacks", "n_examples", "batch_size", "seed", "autoattack", "certify", "faithfulness")
         # As JSON gives it back (lists, not tuples), so a stored record compares equal.
         return json.loads(json.dumps({f: getattr(self, f) for f in fields}))
 
@@ -195,9 +197,10 @@ def _evaluation(raw: Any) -> Evaluation:
         if isinstance(attacks, str):
             attacks = [a.strip() for a in attacks.split(",") if a.strip()]
         section["attacks"] = tuple(attacks)
-    if section.get("certify") is not None:
-        section["certify"] = _mapping(section["certify"], "evaluation.certify")
-        check_keys(section["certify"], CERTIFY_KEYS, "evaluation.certify.")
+    for name, keys in (("certify", CERTIFY_KEYS), ("faithfulness", FAITHFUL_KEYS)):
+        if section.get(name) is not None:
+            section[name] = _mapping(section[name], f"evaluation.{name}")
+            check_keys(section[name], keys, f"evaluation.{name}.")
     ev = Evaluation(**section)
     from robustkd.evaluate.robustness import resolve_attacks, resolve_protocol
 
@@ -209,6 +212,12 @@ def _evaluation(raw: Any) -> Evaluation:
     _check_numbers(ev)
     if ev.certify is not None:
         _check_certify(ev.certify)
+    if ev.faithfulness is not None:
+        from robustkd.certify.pair import as_threat
+
+        as_threat(ev.faithfulness.get("eps", 0.1), field="evaluation.faithfulness.eps")  # one radius in [0, 1]
+    for key, least in (("steps", 1), ("restarts", 1), ("n_examples", 1), ("batch_size", 1)):
+        _integer((ev.faithfulness or {}).get(key), f"evaluation.faithfulness.{key}", least, none_ok=True)
     return ev
 
 

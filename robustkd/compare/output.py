@@ -12,7 +12,8 @@ from robustkd.compare.table import ORDER
 from robustkd.io import atomic_write_json, atomic_write_text
 
 NAMES = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "robust": "robust (worst case)",
-         "autoattack": "AutoAttack", "cert_agreement": "certified agreement on P"}  # fmt: skip
+         "autoattack": "AutoAttack", "agreement": "empirical agreement on P",
+         "cert_agreement": "certified agreement on P"}  # fmt: skip
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

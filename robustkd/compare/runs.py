@@ -97,16 +97,35 @@ def _robustness(best: Path, run_dir: Path, ev: dict[str, Any], device: str) -> d
     return metrics
 
 
-def _certified_agreement(best: Path, teacher: str, run_dir: Path, spec: dict[str, Any], device: str) -> str:
+def _certified_agreement(
+    best: Path, teacher: str, run_dir: Path, spec: dict[str, Any], ev: dict[str, Any], device: str
+) -> str:
     """Certified agreement with the teacher on the teacher's correct points P (the same P for every student)."""
     from robustkd.jobs import certify_checkpoints
 
     result = certify_checkpoints(
-        best, teacher, eps=spec.get("eps", 0.1), method=spec.get("method", "ibp"), n_examples=spec.get("n_examples"),
+        best, teacher, eps=spec.get("eps", 0.1), method=spec.get("method", "ibp"),
+        n_examples=spec.get("n_examples", ev["n_examples"]),
         batch_size=spec.get("batch_size", 256), device=device, out=run_dir / "cert.json", progress=False,
     )  # fmt: skip
     per = result["per_example"]
     return _bits(a for a, t in zip(per["agreement_certified"], per["teacher_correct"]) if t)
+
+
+def _agreement(best: Path, teacher: str, run_dir: Path, spec: dict[str, Any], ev: dict[str, Any], device: str) -> str:
+    """Empirical agreement on P: 1 where the disagreement searches found no point of the ball on which the student
+    and the teacher predict differently (the teacher's correct points only, as for certified agreement)."""
+    from robustkd.jobs import evaluate_faithfulness_checkpoints
+
+    eps = spec.get("eps", 0.1)
+    result = evaluate_faithfulness_checkpoints(
+        teacher, best, eps=eps, steps=spec.get("steps", 20), restarts=spec.get("restarts", 1),
+        n_examples=spec.get("n_examples", ev["n_examples"]), batch_size=spec.get("batch_size", 256), seed=ev["seed"],
+        device=device,
+        gap_surrogates=["prob"], out=run_dir / "faithful.json", progress=False,
+    )  # fmt: skip
+    (block,) = result["per_example"]["eps"]
+    return _bits(not flag for flag in block["disagreement"] if flag is not None)
 
 
 def evaluate_run(task: dict[str, Any], best: Path) -> dict[str, Any]:
@@ -119,8 +138,11 @@ def evaluate_run(task: dict[str, Any], best: Path) -> dict[str, Any]:
     if record and record.get("key") == task["key"] and record.get("evaluation") == ev and record.get("stamp") == stamp:
         return record
     metrics = _robustness(best, run_dir, ev, device)
-    if ev.get("certify") and task.get("teacher") and task["role"] == "student":
-        metrics["cert_agreement"] = _certified_agreement(best, task["teacher"], run_dir, ev["certify"], device)
+    paired = task.get("teacher") and task["role"] == "student"
+    if ev.get("certify") and paired:
+        metrics["cert_agreement"] = _certified_agreement(best, task["teacher"], run_dir, ev["certify"], ev, device)
+    if ev.get("faithfulness") and paired:
+        metrics["agreement"] = _agreement(best, task["teacher"], run_dir, ev["faithfulness"], ev, device)
     plan = _read(run_dir / PLAN) or {}
     record = {
         "label": task["label"], "seed": task["seed"], "role": task["role"], "key": task["key"], "evaluation": ev,

@@ -10,7 +10,7 @@ import numpy as np
 import robustkd.compare.stats as stats
 
 # The leaderboard's columns, in order; a metric no run has is left out.
-ORDER = ("clean", "pgd20", "cw20", "robust", "autoattack", "cert_agreement")
+ORDER = ("clean", "pgd20", "cw20", "robust", "autoattack", "agreement", "cert_agreement")
 
 
 def matrices(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
