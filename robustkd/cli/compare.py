@@ -15,7 +15,8 @@ EXAMPLES = """examples:
 
 The file's keys (every option below is one): name, out, seeds, teacher {checkpoint | config, overrides, seed},
 protocol (a training config without name/seed/method: epochs, data, model, optim, validate), evaluation
-{protocol, attacks, n_examples, autoattack, certify {eps, method, n_examples}, bootstrap, confidence},
+{protocol, attacks, n_examples, autoattack, certify {eps, method}, faithfulness {eps, steps, restarts}, bootstrap,
+confidence},
 methods {LABEL: {config, method, args, exceptions}}, ablation {key, values, methods}, claims (a claims file).
 Runs go to OUT/runs/LABEL/seedK; finished ones are reused, killed ones resume. See docs/compare.md.
 """
@@ -31,7 +32,7 @@ DESCRIPTION = (
 SECTIONS = {
     "teacher": "{checkpoint: PATH} or {config: FILE, overrides: {...}, seed: 0}: the teacher every student learns from",
     "protocol": "the frozen training settings every run shares: epochs, data, model, optim, validate",
-    "evaluation": "{protocol, attacks, n_examples, autoattack, certify, bootstrap, confidence}",
+    "evaluation": "{protocol, attacks, n_examples, autoattack, certify, faithfulness, bootstrap, confidence}",
     "methods": "LABEL: {config: FILE (its method section), method: NAME, args: {...}, exceptions: {dotted.key: v}}",
     "ablation": "{key: dotted training-config key, values: [...], methods: [LABEL, ...]}; null: none",
 }
