@@ -52,7 +52,7 @@ def build(prog: str) -> Any:
     return parser
 
 
-KEYS = ("name", "out", "seeds", "claims", "device", *SECTIONS)
+KEYS = ("name", "seeds", "claims", *SECTIONS)
 
 
 def run(ns: Any) -> int:
@@ -60,7 +60,8 @@ def run(ns: Any) -> int:
 
     config = {key: ns[key] for key in KEYS if ns[key] is not None}
     files = [str(f) for f in (ns.get("config") or []) if f is not None]
-    out = compare(config, workers=ns.workers, progress=ns.progress, source=files[-1] if files else None)
+    source = files[-1] if files else None
+    out = compare(config, workers=ns.workers, out=ns.out, device=ns.device, progress=ns.progress, source=source)
     print(f"leaderboard: {out / 'leaderboard.md'}")
     return 0
 

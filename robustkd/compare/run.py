@@ -60,8 +60,10 @@ def _line(total: int, show: bool) -> Callable[[dict[str, Any]], None]:
     return report
 
 
-def command_line(source: str, workers: int, out: Path | None) -> str:
+def command_line(source: str, workers: int, out: str | Path | None, device: str | None) -> str:
+    """The command that makes this comparison again, as written beside its outputs."""
     parts = ["robustkd", "compare", "--config", source]
+    parts += ["--device", device] if device is not None else []
     parts += ["--workers", str(workers)] if workers > 1 else []
     parts += ["--out", str(out)] if out is not None else []
     return shlex.join(parts)
@@ -99,7 +101,7 @@ def compare(
         teacher_path = str(Path(teacher_task["run_dir"]) / "best") if cfg.teacher else str(cfg.teacher_checkpoint)
     tasks = [_task(cfg, run, teacher_path) for run in cfg.runs]
     records += run_all(tasks, workers, report)
-    summary = _summary(cfg, records, claims, command_line(cfg.source, workers, out))
+    summary = _summary(cfg, records, claims, command_line(cfg.source, workers, out, device))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["outputs"] = write_outputs(cfg.out, summary)
     if progress:
