@@ -174,3 +174,10 @@ def test_a_claims_verdict_from_its_comparisons():
     assert overall(["reproduced", "contradicted"]) == "contradicted"
     assert overall(["not run", "not run"]) == "not run"
     assert overall(["reproduced", "not run"]) == "reproduced (partly run)"
+
+
+def test_the_pareto_front_keeps_the_undominated_points():
+    from robustkd.compare.output import pareto_front
+
+    points = [(0.8, 0.3), (0.7, 0.5), (0.75, 0.45), (0.6, 0.4), (0.8, 0.2)]
+    assert pareto_front(points) == [(0.7, 0.5), (0.75, 0.45), (0.8, 0.3)]

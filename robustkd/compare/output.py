@@ -74,6 +74,12 @@ def claims_markdown(claims: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (ties kept), by ascending first coordinate."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
 def pareto_png(rows: list[dict[str, Any]]) -> bytes | None:
     """Clean against robust accuracy (AutoAttack where run), mean over seeds with the bootstrap intervals as bars."""
     from matplotlib.figure import Figure
@@ -90,11 +96,13 @@ def pareto_png(rows: list[dict[str, Any]]) -> bytes | None:
         yerr = [[r["mean"] - r["ci"][0]], [r["ci"][1] - r["mean"]]]
         marker = "s" if row.get("role") == "teacher" else "o"
         ax.errorbar(c["mean"], r["mean"], xerr=xerr, yerr=yerr, fmt=marker, capsize=3, label=row["label"])
+    front = pareto_front([(r["metrics"]["clean"]["mean"], r["metrics"][robust]["mean"]) for r in points])
+    ax.plot(*zip(*front), color="grey", linestyle=":", linewidth=1, label="Pareto front (means)")
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel(f"{NAMES[robust]} accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title("Clean against robust accuracy (mean over seeds, bootstrap intervals)")
+    ax.set_title("Clean vs robust accuracy (means, bootstrap intervals)")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     return buffer.getvalue()
