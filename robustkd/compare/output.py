@@ -148,12 +148,12 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
     if claims:
         paths["claims"] = out / "claims.md"
         atomic_write_text(paths["claims"], claims)
-    atomic_write_text(paths["fragment"], fragment(summary, board, claims))
+    atomic_write_text(paths["fragment"], fragment(summary, board))
     atomic_write_json(paths["json"], {**summary, "outputs": {k: str(v) for k, v in paths.items()}})
     return {k: str(v) for k, v in paths.items()}
 
 
-def fragment(summary: dict[str, Any], board: str, claims: str) -> str:
+def fragment(summary: dict[str, Any], board: str) -> str:
     """A section for docs/RESULTS.md: the command that made it, the protocol in one line, the tables."""
     ev = summary["evaluation"]
     points = "all" if ev["n_examples"] is None else f"the first {ev['n_examples']}"
@@ -172,6 +172,10 @@ def fragment(summary: dict[str, Any], board: str, claims: str) -> str:
         "",
         board,
     ]
-    if claims:
-        lines += ["", claims]
-    return "\n".join(lines)
+    judged = [c for c in summary["claims"] if c["verdict"] != "not run"]
+    if judged:
+        lines += ["", claims_markdown(judged)]
+    skipped = len(summary["claims"]) - len(judged)
+    if skipped:
+        lines.append(f"{skipped} other claims of the claims file need runs this comparison does not make (not run).")
+    return "\n".join(lines) + "\n"
