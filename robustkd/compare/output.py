@@ -153,6 +153,12 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+def _data(data: dict[str, Any]) -> str:
+    subset = data.get("train_subset")
+    images = f"a stratified {subset}-image subset" if subset else "the whole training split"
+    return f"{data.get('dataset')}: {images}, batch {data.get('batch_size')}, augmentation {data.get('augment')}"
+
+
 def fragment(summary: dict[str, Any], board: str) -> str:
     """A section for docs/RESULTS.md: the command that made it, the protocol in one line, the tables."""
     ev = summary["evaluation"]
@@ -167,7 +173,7 @@ def fragment(summary: dict[str, Any], board: str) -> str:
         "```",
         "",
         f"Protocol: {protocol.get('epochs')} epochs, student {protocol.get('model', {}).get('arch')}, "
-        f"data {protocol.get('data', {})}; evaluation {ev['protocol']} ({', '.join(ev['attacks'])}) on {points} "
+        f"{_data(protocol.get('data', {}))}; evaluation {ev['protocol']} ({', '.join(ev['attacks'])}) on {points} "
         f"test points{extra}; seeds {summary['seeds']}. Device: {summary['device']}.",
         "",
         board,
