@@ -33,6 +33,7 @@ _SUBPACKAGES = (
     "attacks",
     "certify",
     "checkpoint",
+    "compare",
     "config",
     "data",
     "engine",
@@ -152,4 +153,15 @@ def import_model(src: Any, arch: str | None = None, **kwargs: Any) -> Path:
     return _import(src, arch, **kwargs)
 
 
-__all__ = ["__version__", "certify", "distill", "evaluate", "import_model", "load_model", "report", "train", "wrap"]
+__all__ = [
+    "__version__",
+    "certify",
+    "compare",
+    "distill",
+    "evaluate",
+    "import_model",
+    "load_model",
+    "report",
+    "train",
+    "wrap",
+]

@@ -139,7 +139,10 @@ class ForwardCounter:
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+# Training configs; configs/compare holds comparisons (robustkd compare), tested by tests/test_compare.py.
+SHIPPED_CONFIGS = sorted(
+    p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml") if "compare" not in p.parent.parts
+)
 
 
 def configs_of(*methods: str) -> list[str]:

@@ -1,0 +1,219 @@
+"""``robustkd compare`` end to end at a tiny size: runs, reuse after a kill, leaderboard, verdicts, bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import robustkd
+from robustkd.cli import main
+from robustkd.compare import load_compare_config
+from robustkd.errors import ConfigError
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "compare" / "tiny.yaml"
+
+
+def _tiny(out: Path) -> dict:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["out"] = str(out)
+    root = TINY.parents[2]
+    raw["teacher"]["config"] = str(root / raw["teacher"]["config"])
+    raw["methods"]["kd"]["config"] = str(root / raw["methods"]["kd"]["config"])
+    raw["claims"] = str(root / raw["claims"])
+    return raw
+
+
+class _Killed(Exception):
+    pass
+
+
+def _counting_train(monkeypatch, kill_after: int | None = None) -> list[str]:
+    """Count the trainings the comparison starts; raise after ``kill_after`` finished ones (a killed compare)."""
+    import robustkd.engine
+
+    real, calls = robustkd.engine.train, []
+
+    def train(cfg):
+        result = real(cfg)
+        calls.append(f"{Path(cfg.out_dir).name}/{cfg.name}")
+        if kill_after is not None and len(calls) >= kill_after:
+            raise _Killed
+        return result
+
+    monkeypatch.setattr(robustkd.engine, "train", train)
+    return calls
+
+
+@pytest.mark.slow  # about a minute on two shared CPU cores: five tiny trainings and their evaluations
+def test_a_tiny_comparison_resumes_after_a_kill_and_judges_the_claims(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    config = _tiny(out)
+    # Killed right after the second run (kd seed 0) finished training, before its evaluation.
+    with monkeypatch.context() as patch:
+        calls = _counting_train(patch, kill_after=2)
+        with pytest.raises(_Killed):
+            robustkd.compare(config)
+    assert calls == ["teacher/seed0", "kd/seed0"]
+    first = (out / "runs/kd/seed0/best.safetensors").stat().st_mtime_ns
+    assert not (out / "runs/kd/seed0/compare.json").exists()
+
+    calls = _counting_train(monkeypatch)
+    assert robustkd.compare(config) == out
+    assert calls == ["kd/seed1", "advfunmatch/seed0", "advfunmatch/seed1"]  # the finished runs were reused
+    assert (out / "runs/kd/seed0/best.safetensors").stat().st_mtime_ns == first
+    lines = capsys.readouterr().out
+    assert "teacher seed 0: reused" in lines and "kd seed 0: reused" in lines and "kd seed 1: trained" in lines
+
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {row["label"]: row for row in board["leaderboard"]}
+    assert list(rows) == ["teacher", "kd", "advfunmatch"]
+    assert rows["kd"]["seeds"] == [0, 1] and rows["teacher"]["seeds"] == [0]
+    for row in rows.values():
+        clean = row["metrics"]["clean"]
+        assert clean["n"] == 200 and len(clean["runs"]) == len(row["seeds"])
+        accs = [r["accuracy"] for r in clean["runs"]]
+        assert clean["mean"] == pytest.approx(sum(accs) / len(accs))
+        for run in clean["runs"]:
+            assert run["wilson"][0] <= run["accuracy"] <= run["wilson"][1]
+        assert clean["ci"][0] <= clean["mean"] <= clean["ci"][1]
+        robust = row["metrics"]["robust"]
+        assert all(r["accuracy"] <= c["accuracy"] for r, c in zip(robust["runs"], clean["runs"]))
+    # The per-point record agrees with the job layer's JSON it was read from.
+    record = json.loads((out / "runs/kd/seed1/compare.json").read_text())
+    evaluated = json.loads((out / "runs/kd/seed1/eval.json").read_text())
+    assert record["metrics"]["clean"].count("1") == evaluated["attacks"]["clean"]["correct"]
+    assert "cert_agreement" in record["metrics"] and "cert_agreement" not in rows["teacher"]["metrics"]
+    faithful = json.loads((out / "runs/kd/seed1/faithful.json").read_text())
+    p = faithful["per_example"]["teacher_correct"]
+    assert len(record["metrics"]["agreement"]) == sum(p) == len(record["metrics"]["cert_agreement"])
+
+    claims = {c["claim"]: c for c in board["claims"]}
+    judged = claims["kd.robust < teacher.robust"]
+    assert judged["verdict"] in ("reproduced", "within noise", "contradicted")
+    assert {"diff", "low", "high", "p_holm", "p_mcnemar"} <= set(judged["comparisons"][0])
+    assert claims["kdiga.robust > kd.robust"]["verdict"] == "not run"
+    for name in ("leaderboard.md", "leaderboard.html", "pareto.png", "results_fragment.md", "claims.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "robustkd compare" in (out / "results_fragment.md").read_text()
+
+    # Everything finished: a third call trains and evaluates nothing.
+    stamp = (out / "runs/advfunmatch/seed1/compare.json").stat().st_mtime_ns
+    calls = _counting_train(monkeypatch)
+    robustkd.compare(config, progress=False)
+    assert calls == [] and (out / "runs/advfunmatch/seed1/compare.json").stat().st_mtime_ns == stamp
+
+
+def test_a_run_folder_made_for_other_settings_is_refused(tmp_path):
+    from robustkd.compare.runs import check_plan
+
+    check_plan(tmp_path, "aaaa")
+    check_plan(tmp_path, "aaaa")
+    with pytest.raises(ConfigError, match="holds a run made with other settings"):
+        check_plan(tmp_path, "bbbb")
+
+
+def test_workers_run_in_spawned_processes_and_their_errors_come_back(tmp_path):
+    """Two processes: each refuses its folder (planned for other settings) and the error reaches the caller."""
+    from robustkd.compare.runs import check_plan, run_all
+
+    tasks = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"seed{seed}"
+        run_dir.mkdir()
+        check_plan(run_dir, "other")
+        tasks.append({"run_dir": str(run_dir), "key": "mine", "config": {}, "device": "cpu"})
+    seen = []
+    with pytest.raises(ConfigError, match="holds a run made with other settings"):
+        run_all(tasks, 2, seen.append)
+    assert seen == []
+
+
+def test_the_ablation_axis_and_exceptions_make_labelled_runs(tmp_path):
+    raw = _tiny(tmp_path)
+    raw["methods"]["kd"]["exceptions"] = {"optim.lr": 0.001}
+    raw["ablation"] = {"key": "data.augment", "values": ["none", "crop_flip"], "methods": ["advfunmatch"]}
+    cfg = load_compare_config(raw)
+    assert [r.folder for r in cfg.runs] == [
+        "kd/seed0", "kd/seed1", "advfunmatch[none]/seed0", "advfunmatch[none]/seed1",
+        "advfunmatch[crop_flip]/seed0", "advfunmatch[crop_flip]/seed1",
+    ]  # fmt: skip
+    kd, aug = cfg.runs[0], cfg.runs[-1]
+    assert kd.config["optim"]["lr"] == 0.001 and kd.exceptions == {"optim.lr": 0.001}
+    assert aug.config["data"]["augment"] == "crop_flip" and aug.config["optim"]["lr"] == 0.003
+    assert kd.config["epochs"] == aug.config["epochs"] == 1  # the protocol is the same for all
+    assert kd.key() != cfg.runs[1].key()  # the seed is part of what a run is
+
+
+BAD = [
+    ({"seed": [0]}, "unknown option 'seed'; did you mean 'seeds'"),
+    ({"methods": {"kd": {"argz": {}}}}, "methods.kd.argz: unknown key; did you mean 'args'"),
+    ({"methods": {"kdd": {}}}, "unknown method 'kdd'"),
+    ({"protocol": {"optim": {"lrr": 0.1}}}, "lrr"),
+    ({"evaluation": {"attacks": ["clean", "pgdd"]}}, "evaluation.attacks"),
+    ({"ablation": {"key": "data.augment", "values": ["none", "randaug"]}}, "randaug"),
+    ({"protocol": {"seed": 3}}, "protocol.seed: set per run"),
+    ({"seeds": [0, 0]}, "repeats a seed"),
+    ({"evaluation": {"certify": {"method": "crown-ibb"}}}, "evaluation.certify.method"),
+    ({"evaluation": {"confidence": 95}}, "evaluation.confidence: must be a number in [0.5, 1)"),
+    ({"evaluation": {"n_examples": 0}}, "evaluation.n_examples: must be an integer >= 1 or null"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD)
+def test_a_bad_config_is_one_line(tmp_path, capsys, change, message):
+    raw = _tiny(tmp_path / "out")
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and key != "methods":
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["compare", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path}:" in err  # the file, and for a key the parser knows, its line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_python_api_names_the_key_too(tmp_path):
+    raw = {**_tiny(tmp_path / "out"), "seed": [0]}
+    with pytest.raises(ConfigError, match="^compare config: seed: unknown key; did you mean 'seeds'"):
+        load_compare_config(raw)
+
+
+def test_a_malformed_claims_file_fails_before_any_run(tmp_path):
+    raw = _tiny(tmp_path / "out")
+    (tmp_path / "claims.yaml").write_text("claims:\n  - claim: kd.robust << teacher.robust\n")
+    raw["claims"] = str(tmp_path / "claims.yaml")
+    with pytest.raises(ConfigError, match="exactly one"):
+        robustkd.compare(raw)
+    assert not (tmp_path / "out").exists()
+
+
+COMPARE_CONFIGS = sorted(p.name for p in TINY.parent.glob("*.yaml") if p.name != "claims.yaml")
+
+
+@pytest.mark.parametrize("name", COMPARE_CONFIGS)
+def test_every_shipped_comparison_loads_and_names_its_command(name, monkeypatch):
+    monkeypatch.chdir(TINY.parents[2])
+    path = TINY.parent / name
+    text = path.read_text()
+    assert text.startswith("#") and f"robustkd compare --config configs/compare/{name}" in text
+    cfg = load_compare_config(f"configs/compare/{name}")  # every run's training config validated
+    assert cfg.runs and cfg.claims is not None and cfg.claims.exists()
+    budgets = {(r.config["epochs"], json.dumps(r.config["data"], sort_keys=True)) for r in cfg.runs if not r.exceptions}
+    ablated = {r.label for r in cfg.runs if "[" in r.label}
+    assert len(budgets) == 1 or ablated, f"{name}: runs without a written exception differ in budget"
+
+
+def test_the_shipped_claims_parse():
+    from robustkd.compare import load_claims
+
+    claims = load_claims(TINY.parent / "claims.yaml")
+    assert {"kd.robust < teacher.robust", "advfunmatch[randaugment].robust > advfunmatch[none].robust"} <= {
+        c["claim"] for c in claims
+    }
