@@ -115,7 +115,7 @@ def test_no_bars_when_not_a_terminal(tmp_path, capsys):
 
 
 def test_quickstart_heads_each_stage_and_times_it(tmp_path, monkeypatch, capsys):
-    """[3/6] kdiga student, 4 epochs ... [3/6] kdiga done in 0.0 s; a finished run says it is reused."""
+    """[4/7] kdiga student, 4 epochs ... [4/7] kdiga done in 0.0 s; a finished run says it is reused."""
     import robustkd.report
     from robustkd import quickstart
 
@@ -124,15 +124,17 @@ def test_quickstart_heads_each_stage_and_times_it(tmp_path, monkeypatch, capsys)
         quickstart, "_train", lambda raw, out, teacher, progress: trained.append(raw) or out / raw["name"] / "best"
     )
     monkeypatch.setattr(robustkd.report, "make_report", lambda runs, out, **kw: {"models": [], "summary": {}})
+    monkeypatch.setattr(quickstart, "teacher_card", lambda teacher, plan, device, progress: {})
     (tmp_path / "kd").mkdir()
     (tmp_path / "kd" / "results.json").write_text("{}")
     result = quickstart.run(tmp_path, progress=True)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[1/6] teacher (IBP, certifiable), 10 epochs"
-    assert lines[2] == "[2/6] kd student, 4 epochs (finished earlier: reused)"
-    assert lines[4:6] == ["[3/6] kdiga student, 4 epochs", "[3/6] kdiga done in 0.0 s"]
-    assert lines[-2:] == ["[6/6] report: 5 models on 500 test points", "[6/6] report done in 0.0 s"]
-    assert len(lines) == 12 and [raw["name"] for raw in trained] == ["teacher", *quickstart.STUDENTS]
-    assert set(result["seconds"]) == {"teacher", *quickstart.STUDENTS, "report", "total"}
+    assert lines[0] == "[1/7] teacher (IBP, certifiable), 10 epochs"
+    assert lines[2] == "[2/7] teacher card: 500 test points, AutoAttack on 20"
+    assert lines[4] == "[3/7] kd student, 4 epochs (finished earlier: reused)"
+    assert lines[6:8] == ["[4/7] kdiga student, 4 epochs", "[4/7] kdiga done in 0.0 s"]
+    assert lines[-2:] == ["[7/7] report: 5 models on 500 test points", "[7/7] report done in 0.0 s"]
+    assert len(lines) == 14 and [raw["name"] for raw in trained] == ["teacher", *quickstart.STUDENTS]
+    assert set(result["seconds"]) == {"teacher", "card", *quickstart.STUDENTS, "report", "total"}
     quickstart.run(tmp_path, progress=False)
     assert capsys.readouterr().out == ""

@@ -73,7 +73,7 @@ class Verifier:
         if self.native and self.final == "ibp":
             # IBP alone reads two boxes at the end: the pass may overwrite and reuse all the others.
             state = BoundState(build_graph(model), x_lower, x_upper, "ibp", ibp_spec_only=True)
-            return state.ibp_spec(C)
+            return self.spec_bounds(state, C, bound_lower, bound_upper)
         if self.native:
             return self.spec_bounds(self.state(model, x_lower, x_upper), C, bound_lower, bound_upper)
         from robustkd.certify.lirpa import lirpa_box_bounds
