@@ -3,9 +3,10 @@
 Setting: the quickstart pipeline (robustkd/quickstart.py, ``Plan`` defaults except the students): an
 IBP-trained DM-small teacher (10 epochs on a stratified 10 000-image subset, eps ramped to 0.15), then
 ``kd``, ``ard`` (5-step PGD at eps 0.1) and ``faithful`` DM-small students of the teacher's own size (the
-quickstart's are 4.5x smaller; the claim here is about capacity-matched students, as in Lamb et al.), evaluated by ``robustkd
-report`` at Linf eps 0.1 on the first 500 test points: PGD-20 / CW-20, the disagreement and gap searches
-(10 steps, 1 restart) and certificates (the tighter of IBP and CROWN-IBP per point).
+quickstart's are 4.5x smaller; the claim here is about capacity-matched students, as in Lamb et al.),
+evaluated by ``robustkd report`` at Linf eps 0.1 on the first 500 test points: PGD-20 / CW-20, the
+disagreement and gap searches (10 steps, 1 restart) and certificates (the tighter of IBP and CROWN-IBP per
+point).
 """
 
 import json
