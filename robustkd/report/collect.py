@@ -366,25 +366,21 @@ def training_curve(run_dir: Path) -> list[dict[str, Any]]:
 def card_record(model: Model) -> dict[str, Any] | None:
     """The card ``robustkd card`` wrote beside this checkpoint (``<name>.card.json``), if it is of these weights."""
     path = card.card_path(model.weights)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("weights_sha256") != model.sha256:
-        return None  # a card of older weights says nothing about these
-    return {**record, "output": str(path)}
+    record = _record_of_these_weights(path, model)
+    return None if record is None else {**record, "output": str(path)}
 
 
 def export_record(model: Model) -> dict[str, Any] | None:
     """What ``robustkd export`` wrote into the run dir for this checkpoint, if it ran."""
-    path = model.run_dir / f"export_{model.weights.stem}.json"
+    return _record_of_these_weights(model.run_dir / f"export_{model.weights.stem}.json", model)
+
+
+def _record_of_these_weights(path: Path, model: Model) -> dict[str, Any] | None:
+    """A JSON record beside a checkpoint, if it names these weights: one of older weights says nothing."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    # An export of older weights says nothing about these.
-    return record if record.get("weights_sha256") == model.sha256 else None
+    return record if isinstance(record, dict) and record.get("weights_sha256") == model.sha256 else None
