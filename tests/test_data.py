@@ -136,12 +136,23 @@ def zip_folder(folder: Path, target: Path, prefix: str = "", reverse: bool = Fal
 
 
 def expected_split(written: dict, split: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Round-robin over the classes: the first image of every class (sorted names), then the second, ..."""
     images, labels = [], []
-    for label, name in enumerate(classes):
-        for array in written[split].get(name, []):
-            images.append(array.transpose(2, 0, 1) if array.ndim == 3 else array[None])
-            labels.append(label)
+    longest = max(len(written[split].get(name, [])) for name in classes)
+    for rank in range(longest):
+        for label, name in enumerate(classes):
+            arrays = written[split].get(name, [])
+            if rank < len(arrays):
+                images.append(arrays[rank].transpose(2, 0, 1) if arrays[rank].ndim == 3 else arrays[rank][None])
+                labels.append(label)
     return np.stack(images), np.array(labels)
+
+
+def test_image_folder_test_points_interleave_the_classes(tmp_path):
+    # "The first N test points" of an evaluation must not be a single class.
+    make_folder(tmp_path / "f", classes=("ant", "bee", "cat"), counts=(4, 4))
+    ds = data.load_dataset("imagefolder", tmp_path / "f")
+    assert ds.test.labels[:6].tolist() == [0, 1, 2, 0, 1, 2]
 
 
 # --- IDX ----------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from robustkd.data.sources import default_cache_dir
 log = logging.getLogger("robustkd.data")
 
 # Bump when the decoded layout or the meta fields change, so old entries are ignored, not misread.
-# 2: folders in the key, checksums of the arrays in meta.json.
-CACHE_VERSION = 2
+# 2: folders in the key, checksums of the arrays in meta.json. 3: image folders in round-robin class order.
+CACHE_VERSION = 3
 ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")
 
 Arrays = dict[str, np.ndarray]

@@ -199,11 +199,16 @@ def read_image_folder(
     if expected_classes is not None and classes != tuple(expected_classes):
         raise DataError(f"{path}: classes {list(classes)} differ from the expected {list(expected_classes)}")
 
+    # Round-robin over the classes (the first image of each class, then the second, ...): folder order would put
+    # all of one class first, and "the first N test points" of an evaluation would then be a single class.
     ordered = [
         (split, label, item)
         for split in SPLITS
-        for label, name in enumerate(classes)
-        for item in tree[split].get(name, [])
+        for _, label, item in sorted(
+            (rank, label, item)
+            for label, name in enumerate(classes)
+            for rank, item in enumerate(tree[split].get(name, []))
+        )
     ]
     items = [item for _, _, item in ordered]
     chunk = 512
