@@ -863,7 +863,9 @@ def test_real_cifar10_jpeg(monkeypatch):
     assert tuple(ds.test.images.shape) == (10000, 3, 32, 32)
     assert torch.bincount(ds.train.labels).tolist() == [5000] * 10
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
-    # The training split is stored class by class, so sample across it rather than take its head.
+    # The folders are read round-robin over the classes: any head of a split is balanced.
+    assert torch.bincount(ds.test.labels[:100]).tolist() == [10] * 10
+    assert torch.bincount(ds.train.labels[:1000]).tolist() == [100] * 10
     sample = ds.train.images[torch.randperm(50000)[:10000]].float() / 255
     assert torch.allclose(sample.mean(dim=(0, 2, 3)), torch.tensor(ds.info.mean), atol=0.005)
     assert torch.allclose(sample.std(dim=(0, 2, 3)), torch.tensor(ds.info.std), atol=0.005)
