@@ -6,7 +6,9 @@ from typing import Any
 
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.registries import listed
-from robustkd.cli.table import ATOMIC, COMMANDS, Command
+from robustkd.cli.table import COMMANDS, Command
+
+RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 EXAMPLES = """examples:
   robustkd import Zhang2019Theoretically.pt --dataset cifar10 --out_dir teachers/zhang2019
@@ -41,6 +43,9 @@ def build(prog: str) -> Any:
         "--std", type=list[float], default=None, help="per-channel std, JSON, e.g. [0.2471, 0.2435, 0.2616]"
     )
     parser.add_argument("--card", type=bool, default=True, help="write the teacher card (false: skip it)")
+    parser.add_argument(
+        "--data.root", default=None, help="where the dataset lives, for the card; null: the default search paths"
+    )
     return parser
 
 
@@ -65,7 +70,7 @@ def run(ns: Any) -> int:
         from robustkd.cli.card import render_card
         from robustkd.jobs.card import make_card
 
-        card = make_card(checkpoint, dataset=ns.dataset)
+        card = make_card(checkpoint, dataset=ns.dataset, data_root=ns.data.root)
         print(render_card(card))
         print(f"teacher card: {card['output']}")
     return 0
@@ -73,5 +78,5 @@ def run(ns: Any) -> int:
 
 COMMANDS.add(
     "import",
-    Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run, on_interrupt=ATOMIC),
+    Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run, RENAMED),
 )
