@@ -117,6 +117,18 @@ def test_existing_run_needs_resume_flag(tmp_path, toy):
         robustkd.train(_cfg(tmp_path, epochs=1))
 
 
+def test_a_kill_before_the_metrics_row_is_written_is_repaired_on_resume(tmp_path, toy):
+    # The state commits an epoch before metrics.jsonl gets its row; a kill between the two, on the last epoch,
+    # left a finished run whose metrics file was one row short, with no epoch left to rewrite it.
+    robustkd.train(_cfg(tmp_path, epochs=2))
+    metrics = tmp_path / "toy" / "metrics.jsonl"
+    full = metrics.read_text().splitlines()
+    metrics.write_text(full[0] + "\n")
+    result = robustkd.train(_cfg(tmp_path, epochs=2, resume=True))
+    assert metrics.read_text().splitlines() == full
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
 def _damage_state(run):
     state = run / "resume.safetensors"
     state.write_bytes(state.read_bytes()[:100])  # truncated, as a full disk or a copy cut short leaves it

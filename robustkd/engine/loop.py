@@ -350,6 +350,8 @@ def _setup(
         # Every rank reads the same file (the run folder must be visible to all of them).
         saved = _load_resume_state(run)
         run.start_epoch, run.best_score, run.history = saved["epoch"] + 1, saved["best_score"], saved["history"]
+        if dist.is_main:  # a kill between the committed state and metrics.jsonl leaves the file one row short
+            _write_metrics(run.run_dir, run.history)
     run.student = dist.wrap(model)
     return run
 
@@ -799,7 +801,11 @@ def _save(run: _Run, epoch: int, row: dict[str, Any], best_score: float, improve
         save_checkpoint(run.run_dir / "best", run.model, meta)
     save_checkpoint(run.run_dir / "last", run.model, meta)
     save_state(run.run_dir, run.model, run.optimizer, {"epoch": epoch, "best_score": best_score, "history": rows})
-    atomic_write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _write_metrics(run.run_dir, rows)
+
+
+def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _final_test(run: _Run) -> dict[str, Any]:
