@@ -39,6 +39,13 @@ def toy(monkeypatch):
     monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
 
 
+def train_toy_teacher(out_dir) -> str:
+    """A dm_small teacher trained one epoch on the toy data (for module-scoped fixtures): its best checkpoint."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
+        return str(robustkd.train(_cfg(out_dir, epochs=1)).best)
+
+
 def _cfg(tmp_path, **over):
     base = {
         "name": "toy",

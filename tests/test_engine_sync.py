@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_engine import _cfg, _toy_dataset
+from test_engine import _cfg, _toy_dataset, train_toy_teacher
 
 import robustkd
 import robustkd.engine.loop as loop
@@ -23,10 +23,7 @@ def toy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
-        result = robustkd.train(_cfg(tmp_path_factory.mktemp("teacher"), epochs=1))
-    return str(result.best)
+    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _run(tmp_path, **over) -> loop._Run:

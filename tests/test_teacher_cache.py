@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import INFO, ForwardCounter, tiny_pair
-from test_engine import _cfg, _toy_dataset
+from test_engine import _cfg, _toy_dataset, train_toy_teacher
 
 import robustkd
 import robustkd.engine.loop as loop
@@ -91,10 +91,7 @@ def test_the_key_sees_a_changed_teacher_or_split() -> None:
 
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
-        result = robustkd.train(_cfg(tmp_path_factory.mktemp("teacher"), epochs=1))
-    return str(result.best)
+    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _distill(tmp_path, teacher, name, mode, **over):
