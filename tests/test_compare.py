@@ -217,3 +217,40 @@ def test_the_shipped_claims_parse():
     assert {"kd.robust < teacher.robust", "advfunmatch[randaugment].robust > advfunmatch[none].robust"} <= {
         c["claim"] for c in claims
     }
+
+
+def _summary(name: str, verdicts: dict[str, tuple[str, float]]) -> dict:
+    """A leaderboard.json as compare writes it, reduced to what ``robustkd claims`` reads."""
+    claims = []
+    for claim, (verdict, diff) in verdicts.items():
+        row = {"comparison": claim, "verdict": verdict}
+        if verdict != "not run":
+            row.update(diff=diff, low=diff - 0.05, high=diff + 0.05, level=0.975, p_holm=0.004)
+        claims.append({"claim": claim, "source": "s", "verdict": verdict, "comparisons": [row]})
+    return {"name": name, "claims": claims}
+
+
+def test_claims_across_comparisons_keep_one_row_per_protocol(tmp_path, capsys):
+    a = {"kd.robust < teacher.robust": ("reproduced", -0.237), "rslad.robust > ard.robust": ("not run", 0.0)}
+    b = {"kd.robust < teacher.robust": ("within noise", -0.01), "rslad.robust > ard.robust": ("not run", 0.0)}
+    for name, verdicts in (("cpu_a", a), ("cpu_b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "leaderboard.json").write_text(json.dumps(_summary(name, verdicts)))
+    assert main(["claims", str(tmp_path / "cpu_a"), str(tmp_path / "cpu_b")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| kd") or "rslad" in line]
+    assert rows == [
+        "| kd.robust < teacher.robust | cpu_a | **reproduced** | kd.robust < teacher.robust: -0.237 [-0.287, -0.187]"
+        " (97.5%) | 0.004 |",
+        "| kd.robust < teacher.robust | cpu_b | **within noise** | kd.robust < teacher.robust: -0.010 [-0.060, +0.040]"
+        " (97.5%) | 0.004 |",
+        "| rslad.robust > ard.robust | – | **not run** | – | – |",
+    ]
+
+
+def test_claims_of_a_folder_compare_never_finished_is_one_line(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "leaderboard.json").write_text("{truncated")
+    for folder, message in ((tmp_path / "none", "no leaderboard.json"), (tmp_path / "half", "unreadable")):
+        assert main(["claims", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "robustkd compare" in err and "\n" not in err

@@ -11,7 +11,19 @@ from collections.abc import Sequence
 from typing import Any
 
 # Each module adds its command(s) to COMMANDS when imported.
-from robustkd.cli import card, certify, compare, evaluate, export, importing, listing, quickstart, report, train  # noqa: F401
+from robustkd.cli import (  # noqa: F401
+    card,
+    certify,
+    claims,
+    compare,
+    evaluate,
+    export,
+    importing,
+    listing,
+    quickstart,
+    report,
+    train,
+)
 from robustkd.cli.parsing import _parse, parse
 from robustkd.cli.table import COMMANDS, Command
 from robustkd.cli.terminal import plain_unless_interactive

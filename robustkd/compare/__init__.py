@@ -6,9 +6,9 @@ line. See docs/compare.md.
 
 from robustkd.compare.claims import judge, load_claims, parse_claim
 from robustkd.compare.config import CompareConfig, load_compare_config
-from robustkd.compare.run import compare
+from robustkd.compare.run import collect_claims, compare
 
-__all__ = ["CompareConfig", "compare", "judge", "load_claims", "load_compare_config", "parse_claim"]
+__all__ = ["CompareConfig", "collect_claims", "compare", "judge", "load_claims", "load_compare_config", "parse_claim"]
 
 from robustkd._callable import make_module_callable
 

@@ -185,3 +185,30 @@ def fragment(summary: dict[str, Any], board: str) -> str:
     if skipped:
         lines.append(f"{skipped} other claims of the claims file need runs this comparison does not make (not run).")
     return "\n".join(lines) + "\n"
+
+
+def claims_overview(summaries: list[dict[str, Any]]) -> str:
+    """One table of every claim across comparisons (their ``leaderboard.json`` contents, in the order given).
+
+    A claim judged by several comparisons gets one row per comparison, each with its own verdict and deciding
+    intervals: the comparisons differ in protocol, so nothing is pooled. A claim no comparison ran is one
+    "not run" row."""
+    order: dict[str, dict[str, Any]] = {}
+    for summary in summaries:
+        for claim in summary.get("claims", []):
+            order.setdefault(claim["claim"], {"source": claim.get("source", ""), "rows": []})
+            if claim["verdict"] != "not run":
+                order[claim["claim"]]["rows"].append((summary["name"], claim))
+    lines = [
+        "| claim | comparison (config) | verdict | difference [interval] (level) | p (Holm) |",
+        "|---|---|---|---|---|",
+    ]
+    for text, entry in order.items():
+        if not entry["rows"]:
+            lines.append(f"| {text} | – | **not run** | – | – |")
+        for name, claim in entry["rows"]:
+            judged = [r for r in claim["comparisons"] if r["verdict"] != "not run"]
+            cells = "<br>".join(f"{r['comparison']}: {_interval(r)}" for r in judged)
+            p = "<br>".join(f"{r['p_holm']:.3g}" for r in judged)
+            lines.append(f"| {text} | {name} | **{claim['verdict']}** | {cells} | {p} |")
+    return "\n".join(lines) + "\n"

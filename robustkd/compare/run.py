@@ -12,7 +12,7 @@ from typing import Any
 
 from robustkd.compare.claims import judge, load_claims
 from robustkd.compare.config import CompareConfig, Run, load_compare_config
-from robustkd.compare.output import write_outputs
+from robustkd.compare.output import claims_overview, write_outputs
 from robustkd.compare.runs import execute, run_all
 from robustkd.compare.table import leaderboard, matrices
 from robustkd.errors import ConfigError
@@ -107,6 +107,27 @@ def compare(
     if progress:
         print(f"compare: {summary['outputs']['md']} (also .html, .json); {summary['seconds']:.0f} s", flush=True)
     return cfg.out
+
+
+def collect_claims(folders: list[str | Path]) -> str:
+    """The claims table across finished comparisons (their output folders, in this order), as Markdown."""
+    import json
+
+    if not folders:
+        raise ConfigError("claims: name at least one comparison folder (the OUT of robustkd compare)")
+    summaries = []
+    for folder in folders:
+        path = Path(folder) / "leaderboard.json"
+        try:
+            summary = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{folder}: no leaderboard.json; run robustkd compare for it first") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: unreadable ({err}); run robustkd compare for it again") from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("claims"), list) or "name" not in summary:
+            raise ConfigError(f"{path}: not a robustkd compare leaderboard; run robustkd compare for it again")
+        summaries.append(summary)
+    return claims_overview(summaries)
 
 
 def machine(device: str) -> str:
