@@ -59,6 +59,11 @@ def _interval(row: dict[str, Any]) -> str:
     return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] ({row['level']:.1%})"
 
 
+def _p(value: float) -> str:
+    # An exact test on thousands of discordant points underflows float64: say so instead of printing 0.
+    return f"{value:.3g}" if value > 0 else "< 1e-300"
+
+
 def claims_markdown(claims: list[dict[str, Any]]) -> str:
     header = "| claim | comparison | verdict | difference [interval] | p (Holm) | McNemar p (Holm) |"
     lines = [header, "|---|---|---|---|---|---|"]
@@ -68,8 +73,8 @@ def claims_markdown(claims: list[dict[str, Any]]) -> str:
             continue
         for i, row in enumerate(claim["comparisons"]):
             first = f"{claim['claim']} — **{claim['verdict']}**" if i == 0 else ""
-            p = f"{row['p_holm']:.3g}" if "p_holm" in row else "–"
-            mc = f"{row['p_mcnemar_holm']:.3g}" if "p_mcnemar_holm" in row else "–"
+            p = _p(row["p_holm"]) if "p_holm" in row else "–"
+            mc = _p(row["p_mcnemar_holm"]) if "p_mcnemar_holm" in row else "–"
             lines.append(f"| {first} | {row['comparison']} | {row['verdict']} | {_interval(row)} | {p} | {mc} |")
     return "\n".join(lines) + "\n"
 
@@ -209,6 +214,6 @@ def claims_overview(summaries: list[dict[str, Any]]) -> str:
         for name, claim in entry["rows"]:
             judged = [r for r in claim["comparisons"] if r["verdict"] != "not run"]
             cells = "<br>".join(f"{r['comparison']}: {_interval(r)}" for r in judged)
-            p = "<br>".join(f"{r['p_holm']:.3g}" for r in judged)
+            p = "<br>".join(_p(r["p_holm"]) for r in judged)
             lines.append(f"| {text} | {name} | **{claim['verdict']}** | {cells} | {p} |")
     return "\n".join(lines) + "\n"
