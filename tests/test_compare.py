@@ -89,6 +89,9 @@ def test_a_tiny_comparison_resumes_after_a_kill_and_judges_the_claims(tmp_path, 
     faithful = json.loads((out / "runs/kd/seed1/faithful.json").read_text())
     p = faithful["per_example"]["teacher_correct"]
     assert len(record["metrics"]["agreement"]) == sum(p) == len(record["metrics"]["cert_agreement"])
+    gap = rows["kd"]["cert_gap"]
+    assert rows["teacher"]["cert_gap"] is None and 0 <= gap["q50"][0] <= gap["q90"][0] <= 1
+    assert "Certified confidence-gap bound on P" in (out / "leaderboard.md").read_text()
 
     claims = {c["claim"]: c for c in board["claims"]}
     judged = claims["kd.robust < teacher.robust"]
@@ -217,6 +220,17 @@ def test_the_shipped_claims_parse():
     assert {"kd.robust < teacher.robust", "advfunmatch[randaugment].robust > advfunmatch[none].robust"} <= {
         c["claim"] for c in claims
     }
+
+
+def test_certified_gap_quantiles_read_the_teachers_correct_points_only(tmp_path):
+    from robustkd.compare.runs import certified_gaps
+
+    assert certified_gaps(tmp_path) is None  # no cert.json: no column
+    gaps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 0.99]
+    correct = [True, True, True, True, True, False, False]  # the last two are outside P
+    cert = {"per_example": {"gap_upper": gaps, "teacher_correct": correct}}
+    (tmp_path / "cert.json").write_text(json.dumps(cert))
+    assert certified_gaps(tmp_path) == pytest.approx({"q50": 0.3, "q90": 0.46})
 
 
 def _summary(name: str, verdicts: dict[str, tuple[str, float]]) -> dict:

@@ -46,11 +46,23 @@ def leaderboard_markdown(rows: list[dict[str, Any]], confidence: float) -> str:
         f"Cells: mean ± std over seeds [{confidence:.0%} bootstrap interval over seeds and test points]; "
         "per-run Wilson intervals are in leaderboard.json."
     ]
+    if any(row.get("cert_gap") for row in rows):
+        notes.append(_gap_note(rows))
     for row in rows:
         if row.get("exceptions"):
             changed = ", ".join(f"{k} = {v}" for k, v in row["exceptions"].items())
             notes.append(f"Exception to the equal budget: **{row['label']}** runs with {changed}.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def _gap_note(rows: list[dict[str, Any]]) -> str:
+    """Quantiles of the certified bound on max_{x'} f_T^y(x') - f_S^y(x') over P: smaller is more faithful."""
+    cells = []
+    for row in rows:
+        gap = row.get("cert_gap")
+        if gap:
+            cells.append(f"{row['label']} " + ", ".join(f"{q} {m:.3f} ± {s:.3f}" for q, (m, s) in gap.items()))
+    return "Certified confidence-gap bound on P (quantiles over points, mean ± std over seeds): " + "; ".join(cells)
 
 
 def _interval(row: dict[str, Any]) -> str:

@@ -128,6 +128,24 @@ def _agreement(best: Path, teacher: str, run_dir: Path, spec: dict[str, Any], ev
     return _bits(not flag for flag in block["disagreement"] if flag is not None)
 
 
+GAP_QUANTILES = (0.5, 0.9)
+
+
+def certified_gaps(run_dir: Path) -> dict[str, float] | None:
+    """Quantiles of the certified bound on the confidence gap max_{x'} f_T^y(x') − f_S^y(x') over the teacher's
+    correct points P, from the run's ``cert.json`` (None without one)."""
+    import numpy as np
+
+    cert = _read(run_dir / "cert.json")
+    if not cert or "per_example" not in cert:
+        return None
+    per = cert["per_example"]
+    gaps = [g for g, t in zip(per["gap_upper"], per["teacher_correct"]) if t]
+    if not gaps:
+        return None
+    return {f"q{round(q * 100)}": float(np.quantile(gaps, q)) for q in GAP_QUANTILES}
+
+
 def evaluate_run(task: dict[str, Any], best: Path) -> dict[str, Any]:
     """The run's per-point results, reused from ``compare.json`` when made for the same weights and settings."""
     run_dir = Path(task["run_dir"])
@@ -136,7 +154,7 @@ def evaluate_run(task: dict[str, Any], best: Path) -> dict[str, Any]:
     stamp = (weights if weights.exists() else best).stat().st_mtime_ns
     record = _read(run_dir / RECORD)
     if record and record.get("key") == task["key"] and record.get("evaluation") == ev and record.get("stamp") == stamp:
-        return record
+        return {**record, "gaps": certified_gaps(run_dir)}
     metrics = _robustness(best, run_dir, ev, device)
     paired = task.get("teacher") and task["role"] == "student"
     if ev.get("certify") and paired:
@@ -151,7 +169,7 @@ def evaluate_run(task: dict[str, Any], best: Path) -> dict[str, Any]:
         "metrics": metrics,
     }  # fmt: skip
     atomic_write_json(run_dir / RECORD, record)
-    return record
+    return {**record, "gaps": certified_gaps(run_dir)}
 
 
 def execute(task: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def leaderboard(
             rows.append({"label": label, "seeds": [], "metrics": {}, "missing": True})
             continue
         seconds = [r["train_seconds"] for r in runs if r.get("train_seconds")]
+        gaps = [r["gaps"] for r in runs if r.get("gaps")]
         rows.append(
             {
                 "label": label,
@@ -60,6 +61,8 @@ def leaderboard(
                 "exceptions": runs[0].get("exceptions") or {},
                 "train_seconds": stats.mean_std(seconds)[0] if seconds else None,
                 "metrics": {m: _metric(results[label][m], confidence, n_boot, seed) for m in sorted(results[label])},
+                # Each seed's quantiles of the certified gap bound on P, then their mean and std over seeds.
+                "cert_gap": {q: stats.mean_std([g[q] for g in gaps]) for q in gaps[0]} if gaps else None,
             }
         )
     return rows
