@@ -485,6 +485,27 @@ def test_faithful_gradient_reaches_only_the_student() -> None:
     assert all(g is None for g in grads[n:])
 
 
+def test_faithful_joint_gap_bound_is_the_smaller_bound_and_trains_the_student() -> None:
+    student, teacher, batch = tiny_cnn(0), tiny_cnn(1).eval(), cnn_batch()
+    opts = {**RAMP, "kappa_max": 1.0, "warmup_epochs": 0, "ramp_epochs": 0, "loss_form": "hinge"}
+    decoupled = build_method("faithful", opts)(student, teacher, batch, info_at(0))
+    joint = build_method("faithful", {**opts, "gap_bound": "joint"})(student, teacher, batch, info_at(0))
+    # min(decoupled, joint) per point: the hinge can only fall, and the logged bound with it.
+    assert joint.loss <= decoupled.loss + 1e-6 and joint.logs["gap_bound"] <= decoupled.logs["gap_bound"] + 1e-6
+    grads = torch.autograd.grad(joint.loss, list(student.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_faithful_joint_gap_bound_refuses_other_forms_and_batchnorm_students() -> None:
+    with pytest.raises(ValueError, match="loss_form hinge"):
+        build_method("faithful", {"gap_bound": "joint", "loss_form": "log_hinge"})
+    with pytest.raises(ValueError, match="gap_bound"):
+        build_method("faithful", {"gap_bound": "pooled"})
+    method = build_method("faithful", {**RAMP, "warmup_epochs": 0, "ramp_epochs": 0, "gap_bound": "joint"})
+    with pytest.raises(ConfigError, match="without BatchNorm"):
+        method(tiny_cnn(0, bn=True).train(), tiny_cnn(1).eval(), cnn_batch(), info_at(0))
+
+
 def test_faithful_refuses_missing_or_training_teacher() -> None:
     student, teacher, batch = tiny_cnn(0), tiny_cnn(1), cnn_batch()
     method = build_method("faithful")

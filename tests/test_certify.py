@@ -353,6 +353,29 @@ def test_pair_certificates_hold_on_samples(method, joint, student_kind):
         assert (r["gap_upper"] <= r["gap_upper_decoupled"]).all()
 
 
+@pytest.mark.parametrize("student_kind", ["noisy_copy", "other_net"])
+def test_the_trainable_joint_gap_bound_holds_on_samples_and_reaches_only_the_student(student_kind):
+    from robustkd.certify import joint_gap_bound
+
+    teacher = _net("cnn").requires_grad_(True)
+    student = _noisy_copy(teacher) if student_kind == "noisy_copy" else _net("cnn_odd")
+    x = _inputs(6)
+    y = teacher(x).argmax(1)
+    eps = 0.003
+    bound = joint_gap_bound(teacher, student, x, y, eps)
+    with torch.no_grad():
+        r = certify_pair(teacher, student, x, y, eps, method="ibp", joint=True)
+    assert torch.allclose(bound, r["gap_upper_joint"], atol=1e-6)  # the certificate's joint bound, with a graph
+    points = _samples(x, eps, 600)
+    f_t = _outputs(teacher, points).softmax(-1).gather(2, y.view(1, -1, 1).expand(len(points), -1, 1))
+    f_s = _outputs(student, points).softmax(-1).gather(2, y.view(1, -1, 1).expand(len(points), -1, 1))
+    assert ((f_t - f_s).squeeze(-1) <= bound + 1e-6).all()
+    params = [*student.parameters(), *teacher.parameters()]
+    grads = torch.autograd.grad(bound.sum(), params, allow_unused=True)
+    n = len(list(student.parameters()))
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[:n]) and all(g is None for g in grads[n:])
+
+
 def test_dataset_certify_summary_is_json_and_restores_modes():
     teacher, student = _net("cnn"), _net("mlp")
     student.train()

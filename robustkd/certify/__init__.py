@@ -19,7 +19,7 @@ from robustkd.certify.bounds import (
     margin_bounds,
     mixed_bounds,
 )
-from robustkd.certify.pair import certified_accuracy, certify, certify_model, certify_pair
+from robustkd.certify.pair import certified_accuracy, certify, certify_model, certify_pair, joint_gap_bound
 from robustkd.certify.specs import (
     certified_from_margins,
     confidence_interval,
@@ -42,6 +42,7 @@ __all__ = [
     "get_verifier",
     "input_box",
     "interval_bounds",
+    "joint_gap_bound",
     "joint_gap_upper",
     "margin_bounds",
     "margin_spec",

@@ -67,13 +67,31 @@ def joint_margin_difference(teacher: BoundState, student: BoundState, C: Tensor)
     S = C.shape[1]
     spec = torch.cat([C, -C], 1)
     A_s, bias_s = student.backward(student.graph.output, spec)
-    A_t, bias_t = teacher.backward(teacher.graph.output, -spec)
+    with torch.no_grad():  # the teacher is a fixed reference: gradients, where wanted, reach the student only
+        A_t, bias_t = teacher.backward(teacher.graph.output, -spec)
     if A_s is None or A_t is None:
         A0 = A_s if A_t is None else A_t
     else:
         A0 = A_s + A_t
     low = student.concretize(A0, bias_s + bias_t)
     return low[:, :S], -low[:, S:]
+
+
+def joint_gap_bound(teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """``(B,)`` upper bounds on ``max_{x'} f_T^y(x') - f_S^y(x')`` over the ball from the joint bound alone.
+
+    IBP hidden-layer bounds for both networks, one backward pass through both from the shared input box
+    (:func:`joint_margin_difference`) and the teacher's IBP margin interval (:func:`specs.joint_gap_upper`).
+    Differentiable in the student's parameters, for faithful training; the teacher is bounded under no_grad.
+    ``x`` must lie in [0, 1] (not checked: training batches do by construction)."""
+    x_lower, x_upper = input_box(x, eps, check_range=False)
+    with torch.no_grad():
+        t_state = BoundState(build_graph(teacher), x_lower, x_upper, "ibp")
+        C = margin_spec(y, t_state.output[0].shape[1], dtype=x.dtype)
+        l_t, u_t = t_state.ibp_spec(C)
+    s_state = BoundState(build_graph(student), x_lower, x_upper, "ibp")
+    _, d_upper = joint_margin_difference(t_state, s_state, C)
+    return joint_gap_upper(l_t, u_t, d_upper)
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkd.attacks import ThreatModel
-from robustkd.certify import interval_bounds, margin_spec
+from robustkd.certify import interval_bounds, joint_gap_bound, margin_spec
+from robustkd.errors import ConfigError
 from robustkd.methods.base import Batch, Method, Output, StepInfo, register_method
 from robustkd.methods.common import (
     CERTIFIED_KEYS,
@@ -52,6 +53,7 @@ from robustkd.methods.losses import (
 STUDENT_BOUNDS = ("ibp", "crown-ibp")
 TEACHER_BOUNDS = ("ibp", "crown-ibp", "best")
 LOSS_FORMS = ("hinge", "log_hinge", "soft_ce")
+GAP_BOUNDS = ("decoupled", "joint")
 
 
 def teacher_margin_lower(teacher: nn.Module, x: Tensor, y: Tensor, eps: float, method: str, num_classes: int) -> Tensor:
@@ -110,7 +112,11 @@ class Faithful(Method):
     bound affordable: the teacher's bound is a constant, so it is not mixed); ``loss_form`` hinge | log_hinge
     | soft_ce (the teacher's clean soft labels p_T(x) against the student's worst-case logits ẑ_S, Gowal et
     al.'s construction; with one-hot labels it is IBP's CE(ẑ, y); it needs no teacher bound); ``rho``: the
-    gap tolerated by the hinges; ``temperature`` τ and ``kl_reduction`` of the KD term; ``ce_weight``.
+    gap tolerated by the hinges; ``temperature`` τ and ``kl_reduction`` of the KD term; ``ce_weight``;
+    ``gap_bound`` decoupled | joint: with ``loss_form="hinge"``, ``joint`` bounds the gap by the smaller of
+    ``ub f_T^y − lb f_S^y`` and the joint bound of ``robustkd.certify.joint_gap_bound`` (one backward pass
+    through both networks from the shared box, as ``robustkd certify --joint``), so the student is pushed on the
+    bound a joint certificate reads; students without BatchNorm only.
 
     Readings (METHODS.md leaves them open; robustkd's defaults): τ = 1, because L_F compares confidences at
     temperature 1; rho = 0; the class is the label y; L_F averages over the whole batch; the teacher's bound
@@ -134,6 +140,7 @@ class Faithful(Method):
     temperature: float = 1.0
     ce_weight: float = 0.0
     kl_reduction: str = "batchmean"
+    gap_bound: str = "decoupled"
     _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +156,7 @@ class Faithful(Method):
             ("bound", self.bound, STUDENT_BOUNDS),
             ("teacher_bound", self.teacher_bound, TEACHER_BOUNDS),
             ("loss_form", self.loss_form, LOSS_FORMS),
+            ("gap_bound", self.gap_bound, GAP_BOUNDS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -159,6 +167,8 @@ class Faithful(Method):
         if not self.ce_weight >= 0:
             raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
         check_kl_reduction(self.kl_reduction)
+        if self.gap_bound == "joint" and self.loss_form != "hinge":
+            raise ValueError(f"gap_bound joint bounds the gap itself: it needs loss_form hinge, got {self.loss_form!r}")
 
     def schedule(self, info: StepInfo) -> dict[str, float]:
         """ε_t, κ_t and β_t (0 for an IBP student bound) at this step."""
@@ -190,7 +200,11 @@ class Faithful(Method):
             else:
                 teacher_lower = point_margins(teacher_logits, y)
             teacher_upper = confidence_upper(teacher_lower)
-            if self.loss_form == "hinge":
+            gap = teacher_upper - student_lower
+            if self.gap_bound == "joint" and s["eps"] > 0:
+                gap = self._joint_gap(student, teacher, x, y, s["eps"], gap)
+                term = F.relu(gap - self.rho).mean()
+            elif self.loss_form == "hinge":
                 term = faithful_hinge(teacher_upper, student_lower, self.rho)
             else:
                 term = faithful_log_hinge(teacher_upper, bounds.upper, self.rho)
@@ -213,11 +227,22 @@ class Faithful(Method):
             "student_conf_lb": student_lower.detach().mean(),
         }
         if teacher_upper is not None:
-            # Mean certified bound on the one-sided gap max_{x'} f_T^y(x') − f_S^y(x') at ε_t (decoupled bound).
-            logs["gap_bound"] = (teacher_upper - student_lower.detach()).mean()
+            # Mean certified bound on the one-sided gap max_{x'} f_T^y(x') − f_S^y(x') at ε_t (the bound trained on).
+            logs["gap_bound"] = gap.detach().mean()
         if self.bound == "crown-ibp":
             logs["beta"] = s["beta"]
         return Output(loss, logs, logits)
+
+    def _joint_gap(self, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, eps: float, decoupled: Tensor):
+        """The smaller of the decoupled and the joint gap bound (both sound), with gradients into the student."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+            raise ConfigError(
+                "faithful: gap_bound joint supports students without BatchNorm (its bound pass would need the "
+                "batch statistics); use gap_bound decoupled"
+            )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            joint = joint_gap_bound(teacher, student, x, y, eps)
+        return torch.minimum(decoupled, joint)
 
     def passes(self) -> dict[str, int]:
         """Per step once ε_t > 0 (the warm-up costs a KD step: one teacher and one student forward). The
@@ -229,4 +254,7 @@ class Faithful(Method):
             passes["teacher_ibp"] = 1
             if self.teacher_bound != "ibp":
                 passes["teacher_crown_bwd"] = 1
+        if self.gap_bound == "joint":  # both networks' IBP passes again, and one backward pass through both
+            for name in ("student_ibp", "teacher_ibp", "student_crown_bwd", "teacher_crown_bwd"):
+                passes[name] = passes.get(name, 0) + 1
         return passes
