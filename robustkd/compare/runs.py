@@ -61,7 +61,11 @@ def train_run(task: dict[str, Any]) -> tuple[Path, str]:
     best = run_dir / "best"
     if (run_dir / "results.json").exists() and (run_dir / "best.safetensors").exists():
         return best, "reused"
-    raw = {**task["config"], "out_dir": str(run_dir.parent), "teacher": task.get("teacher"), "device": task["device"]}
+    from robustkd.methods import METHODS
+
+    # A teacher-free student (an IBP-trained baseline) is trained without the teacher, not warned about it.
+    teacher = task.get("teacher") if METHODS.get(task["config"]["method"]["name"]).needs_teacher else None
+    raw = {**task["config"], "out_dir": str(run_dir.parent), "teacher": teacher, "device": task["device"]}
     cfg = from_dict(raw)
     cfg.progress = False
     cfg.tensorboard = False
