@@ -268,3 +268,46 @@ def test_claims_of_a_folder_compare_never_finished_is_one_line(tmp_path, capsys)
         assert main(["claims", str(folder)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "robustkd compare" in err and "\n" not in err
+
+
+def test_a_killed_comparison_takes_its_workers_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A parent that starts a worker the way run_all does, then is killed outright (no Ctrl-C to the group).
+    script = f"""
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from robustkd.compare.runs import exit_with_parent
+
+def work(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(), 0.2))
+    pool.submit(work, {str(tmp_path / "worker.pid")!r})
+    time.sleep(120)
+"""
+    (tmp_path / "parent.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=tmp_path)
+    pid_file = tmp_path / "worker.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its comparison")

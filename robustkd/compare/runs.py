@@ -192,6 +192,22 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
     return {**record, "done": done, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def exit_with_parent(parent: int, every: float = 2.0) -> None:
+    """Worker initializer: leave when the comparison that spawned this process is gone.
+
+    A ``kill`` of the comparison (not Ctrl-C, which reaches the whole process group) would otherwise leave its
+    workers training as orphans, holding their run folders' locks. Exiting abruptly is safe: a run resumes
+    from its last saved epoch and an evaluation from its progress file."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_all(
     tasks: list[dict[str, Any]], workers: int, on_done: Callable[[dict[str, Any]], None]
 ) -> list[dict[str, Any]]:
@@ -207,7 +223,10 @@ def run_all(
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
     records = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         futures = [pool.submit(execute, {**task, "threads": threads}) for task in tasks]
         for future in as_completed(futures):
             records.append(future.result())
