@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustkd.cli.inputs import add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.inputs import DATA_ROOT_RENAMED, add_points_option, add_progress_option, require_checkpoints
 from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, number
 from robustkd.cli.registries import listed
@@ -23,8 +23,6 @@ DESCRIPTION = (
     "count, the latency at batch 1 and 128 and the weights' SHA-256. The protocol is the dataset's usual one "
     "unless --eps says otherwise."
 )
-
-RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 
 def build(prog: str) -> Any:
@@ -102,4 +100,4 @@ def _points(block: dict[str, Any]) -> str:
     return f"first {block['n']} (a subset)" if block.get("subset") else f"all {block['n']}"
 
 
-COMMANDS.add("card", Command("a teacher's card: accuracy, certificates, size, latency", build, run, RENAMED))
+COMMANDS.add("card", Command("a teacher's card: accuracy, certificates, size, latency", build, run, DATA_ROOT_RENAMED))

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import certify_checkpoints
-from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.inputs import (
+    DATA_ROOT_RENAMED,
+    add_data_options,
+    add_points_option,
+    add_progress_option,
+    require_checkpoints,
+)
 from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, number, numbers
 from robustkd.cli.registries import listed
@@ -23,8 +29,6 @@ DESCRIPTION = (
     "and, with --teacher, the share of teacher-correct points certified to agree with the teacher "
     "and a certified upper bound on the confidence gap f_T^y - f_S^y."
 )
-
-RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 
 def build(prog: str) -> Any:
@@ -91,4 +95,6 @@ def print_certificates(result: dict[str, Any], eps: float, method: str) -> None:
     print(f"results: {result['output']}")
 
 
-COMMANDS.add("certify", Command("certified bounds for a model or a teacher-student pair", build, run, RENAMED))
+COMMANDS.add(
+    "certify", Command("certified bounds for a model or a teacher-student pair", build, run, DATA_ROOT_RENAMED)
+)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import evaluate_checkpoint
-from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.inputs import (
+    DATA_ROOT_RENAMED,
+    add_data_options,
+    add_points_option,
+    add_progress_option,
+    require_checkpoints,
+)
 from robustkd.cli.output import num, table
 from robustkd.cli.parsing import command_parser, names
 from robustkd.cli.registries import listed
@@ -20,7 +26,6 @@ EXAMPLES = """examples:
 """
 
 # older spellings that differ by more than dashes for underscores
-RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 
 def build(prog: str) -> Any:
@@ -74,4 +79,4 @@ def print_robustness(result: dict[str, Any]) -> None:
     print(f"results: {result['output']}")
 
 
-COMMANDS.add("evaluate", Command("robust accuracy of a saved model", build, run, RENAMED))
+COMMANDS.add("evaluate", Command("robust accuracy of a saved model", build, run, DATA_ROOT_RENAMED))

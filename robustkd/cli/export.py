@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.cli.api import export_onnx, export_options
-from robustkd.cli.inputs import add_data_options, add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.inputs import (
+    DATA_ROOT_RENAMED,
+    add_data_options,
+    add_points_option,
+    add_progress_option,
+    require_checkpoints,
+)
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.table import ATOMIC, COMMANDS, Command
 
@@ -25,12 +31,7 @@ DESCRIPTION = (
 )
 
 # --test-subset was this command's name for what every other command calls --n_examples
-RENAMED = {
-    "--test-subset": "--n_examples",
-    "--test_subset": "--n_examples",
-    "--data-root": "--data.root",
-    "--data_root": "--data.root",
-}
+RENAMED = {"--test-subset": "--n_examples", "--test_subset": "--n_examples", **DATA_ROOT_RENAMED}
 
 
 def build(prog: str) -> Any:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustkd.cli.inputs import DATA_ROOT_RENAMED
 from robustkd.cli.parsing import command_parser
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
-
-RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 EXAMPLES = """examples:
   robustkd import Zhang2019Theoretically.pt --dataset cifar10 --out_dir teachers/zhang2019
@@ -78,5 +77,5 @@ def run(ns: Any) -> int:
 
 COMMANDS.add(
     "import",
-    Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run, RENAMED),
+    Command("a foreign checkpoint (RobustBench, TRADES, ARD, RSLAD) to robustkd", build, run, DATA_ROOT_RENAMED),
 )

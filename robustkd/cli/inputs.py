@@ -26,6 +26,10 @@ def require_checkpoints(command: str, paths: dict[str, str | None]) -> None:
             )
 
 
+# The old spellings of --data.root, for every command that takes it.
+DATA_ROOT_RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
+
+
 def add_data_options(parser: Any) -> None:
     """``--data.root`` and ``--data.dataset``, spelled as in a training config."""
     parser.add_argument("--data.root", default=None, help="where the dataset lives; null: the default search paths")

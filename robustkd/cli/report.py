@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustkd.cli.inputs import add_points_option, add_progress_option, require_checkpoints
+from robustkd.cli.inputs import DATA_ROOT_RENAMED, add_points_option, add_progress_option, require_checkpoints
 from robustkd.cli.parsing import command_parser, names, number, numbers, threshold
 from robustkd.cli.registries import listed
 from robustkd.cli.table import COMMANDS, Command
@@ -24,7 +24,6 @@ DESCRIPTION = (
     "and certify and are cached under each run dir's report_cache/. See docs/report.md."
 )
 
-RENAMED = {"--data-root": "--data.root", "--data_root": "--data.root"}
 
 # verdict threshold → its help; the default comes from Thresholds
 THRESHOLDS = {
@@ -109,4 +108,4 @@ def run(ns: Any) -> int:
     return 1 if ns.fail_unsafe and unsafe else 0
 
 
-COMMANDS.add("report", Command("students against their teachers, a verdict per student", build, run, RENAMED))
+COMMANDS.add("report", Command("students against their teachers, a verdict per student", build, run, DATA_ROOT_RENAMED))
