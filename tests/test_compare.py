@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 import robustkd
@@ -223,14 +225,24 @@ def test_the_shipped_claims_parse():
 
 
 def test_certified_gap_quantiles_read_the_teachers_correct_points_only(tmp_path):
+    from robustkd.certify import certify
     from robustkd.compare.runs import certified_gaps
 
     assert certified_gaps(tmp_path) is None  # no cert.json: no column
-    gaps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 0.99]
-    correct = [True, True, True, True, True, False, False]  # the last two are outside P
-    cert = {"per_example": {"gap_upper": gaps, "teacher_correct": correct}}
+    # The certify job's own summary of a real pair, 7 points: the quantiles are over the teacher's correct ones.
+    torch.manual_seed(0)
+    teacher, student = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval() for _ in range(2))
+    x = torch.randint(0, 256, (7, 1, 2, 2), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    cert = certify(teacher, student, x, y, 0.05, "ibp", progress=False)
     (tmp_path / "cert.json").write_text(json.dumps(cert))
-    assert certified_gaps(tmp_path) == pytest.approx({"q50": 0.3, "q90": 0.46})
+    per = cert["per_example"]
+    gaps = np.array([g for g, t in zip(per["gap_upper"], per["teacher_correct"]) if t])
+    assert 0 < len(gaps) < 7  # some points outside P
+    assert certified_gaps(tmp_path) == pytest.approx({"q50": np.quantile(gaps, 0.5), "q90": np.quantile(gaps, 0.9)})
+    cert["teacher_correct"]["gap_upper"] = dict.fromkeys(cert["teacher_correct"]["gap_upper"])  # P empty
+    (tmp_path / "cert.json").write_text(json.dumps(cert))
+    assert certified_gaps(tmp_path) is None
 
 
 def _summary(name: str, verdicts: dict[str, tuple[str, float]]) -> dict:
