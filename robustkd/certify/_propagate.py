@@ -91,8 +91,9 @@ def _pair(m: nn.Module) -> tuple[Tensor, ...]:
     return (torch.cat([half, half_abs]),) if bias is None else (torch.cat([half, half_abs]), bias)
 
 
-def _weights(m: nn.Module, build, grad: bool) -> tuple[Tensor, ...]:
-    """``build(m)``: weights derived from a layer's parameters (see ``_halves`` and ``_pair``).
+def _weights(m: nn.Module, build, grad: bool, chw: tuple[int, ...] | None = None) -> tuple[Tensor, ...]:
+    """``build(m)``: weights derived from a layer's parameters (see ``_halves`` and ``_pair``); with ``chw``,
+    a Linear layer's columns reordered for an input flattened from channels-last ``(C, H, W)`` maps.
 
     The affine step takes ``u + l`` and ``u - l`` (twice the centre and radius) through the halved weights:
     the same products as ``(u + l) / 2`` through ``W``, bit for bit, with two element-wise passes fewer.
@@ -102,12 +103,25 @@ def _weights(m: nn.Module, build, grad: bool) -> tuple[Tensor, ...]:
         return build(m)
     key = (build, *((p.data_ptr(), p._version, p.dtype, p.device) for p in (m.weight, m.bias) if p is not None))
     cache = _DERIVED.setdefault(m, {})
-    if build not in cache or cache[build][0] != key:
+    if (build, chw) not in cache or cache[build, chw][0] != key:
         with torch.no_grad():
+            derived = build(m)
+            if chw is not None:
+                derived = tuple(_channels_last_columns(t, chw) for t in derived)
             # Convolution weights in the maps' channels-last layout, or oneDNN would reorder them at every call.
-            derived = tuple(t.contiguous(memory_format=_NHWC) if t.dim() == 4 else t for t in build(m))
-            cache[build] = (key, derived)
-    return cache[build][1]
+            derived = tuple(t.contiguous(memory_format=_NHWC) if t.dim() == 4 else t for t in derived)
+            cache[build, chw] = (key, derived)
+    return cache[build, chw][1]
+
+
+def _channels_last_columns(weight: Tensor, chw: tuple[int, ...]) -> Tensor:
+    """A Linear weight whose columns read a ``(C, H, W)`` map flattened in ``(H, W, C)`` order."""
+    return weight.reshape(weight.shape[0], *chw).permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def _flat_channels_last(t: Tensor) -> Tensor:
+    """A channels-last ``(B, C, H, W)`` map as ``(B, H*W*C)`` without copying it (``Flatten`` would)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
 # layer -> {builder: (parameter key, derived weights)}; entries go with their layer.
@@ -132,7 +146,7 @@ def _paired_conv(m: nn.Conv2d, lower: Tensor, upper: Tensor, pool: _Pool) -> tup
     return out[:, : m.out_channels], out[:, m.out_channels :]
 
 
-def _affine_box(node: Node, lower: Tensor, upper: Tensor, own: bool, pool: _Pool) -> Box:
+def _affine_box(node: Node, lower: Tensor, upper: Tensor, own: bool, pool: _Pool, chw: tuple[int, ...] | None) -> Box:
     """Interval image of an affine node: the centre through the map, the radius through its absolute value."""
     kind, m = node.kind, node.module
     if kind == CONV and m.in_channels == 1 and m.groups == 1 and m.padding_mode == "zeros":
@@ -146,7 +160,7 @@ def _affine_box(node: Node, lower: Tensor, upper: Tensor, own: bool, pool: _Pool
             twice_mid, twice_rad = upper + lower, upper - lower
         if reuse:
             pool.give(lower)
-        mid, rad = _affine_pair(node, twice_mid, twice_rad, not pool.enabled)
+        mid, rad = _affine_pair(node, twice_mid, twice_rad, not pool.enabled, chw)
         pool.give(twice_mid, twice_rad)
     if not pool.enabled:
         return mid - rad, mid + rad
@@ -156,11 +170,13 @@ def _affine_box(node: Node, lower: Tensor, upper: Tensor, own: bool, pool: _Pool
     return out_lower, out_upper
 
 
-def _affine_pair(node: Node, twice_mid: Tensor, twice_rad: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
+def _affine_pair(
+    node: Node, twice_mid: Tensor, twice_rad: Tensor, grad: bool, chw: tuple[int, ...] | None = None
+) -> tuple[Tensor, Tensor]:
     """``(centre, radius)`` of an affine node's image from twice its input's centre and radius."""
     kind, m = node.kind, node.module
     if kind == LINEAR:
-        half, half_abs = _weights(m, _halves, grad)
+        half, half_abs = _weights(m, _halves, grad, chw)
         return F.linear(twice_mid, half, m.bias), F.linear(twice_rad, half_abs)
     if kind == CONV:
         half, half_abs = _weights(m, _halves, grad)
@@ -171,11 +187,18 @@ def _affine_pair(node: Node, twice_mid: Tensor, twice_rad: Tensor, grad: bool) -
     raise AssertionError(kind)  # pragma: no cover - build_graph only emits the kinds above
 
 
-def ibp_node(node: Node, boxes: list[Box], own: tuple[bool, ...] = (), pool: _Pool | None = None) -> Box:
+def ibp_node(
+    node: Node,
+    boxes: list[Box],
+    own: tuple[bool, ...] = (),
+    pool: _Pool | None = None,
+    chw: tuple[int, ...] | None = None,
+) -> Box:
     """Interval image of one node given the boxes of its inputs.
 
     ``own[i]`` says that the i-th input box may be overwritten (this node is its last reader and nothing
-    else holds it); with an enabled ``pool`` such boxes are updated in place and dead buffers reused."""
+    else holds it); with an enabled ``pool`` such boxes are updated in place and dead buffers reused.
+    ``chw``: a Linear node's input box was flattened from channels-last ``(C, H, W)`` maps."""
     pool = pool or _Pool(False)
     own = own or (False,) * len(boxes)
     kind, m = node.kind, node.module
@@ -196,7 +219,7 @@ def ibp_node(node: Node, boxes: list[Box], own: tuple[bool, ...] = (), pool: _Po
         if own[0] and kind != FLATTEN:  # a flattened box is a view of its input
             pool.give(lower, upper)
         return out
-    return _affine_box(node, lower, upper, own[0], pool)
+    return _affine_box(node, lower, upper, own[0], pool, chw)
 
 
 def ibp_pass(graph: Graph, x_lower: Tensor, x_upper: Tensor, keep: set[int]) -> dict[int, Box]:
@@ -214,16 +237,38 @@ def ibp_pass(graph: Graph, x_lower: Tensor, x_upper: Tensor, keep: set[int]) -> 
         x_lower, x_upper = x_lower.contiguous(memory_format=_NHWC), x_upper.contiguous(memory_format=_NHWC)
     boxes: dict[int, Box] = {0: (x_lower, x_upper)}
     writable = {0: False}  # whether a node's box is its own (not the caller's input, not a kept box's view)
+    flat_chw: dict[int, tuple[int, ...]] = {}  # flatten nodes whose box is in (H, W, C) order -> (C, H, W)
     for idx, node in enumerate(graph.nodes[1:], start=1):
         own = tuple(
             writable[i] and last_read[i] == idx and i not in keep and node.inputs.count(i) == 1 for i in node.inputs
         )
-        boxes[idx] = ibp_node(node, [boxes[i] for i in node.inputs], own, pool)
+        inputs = [boxes[i] for i in node.inputs]
+        if pool.enabled and _flattens_for_linear(graph, idx, inputs[0][0], keep):
+            # Flattening channels-last maps in their memory order costs nothing; the one Linear reading them
+            # takes its columns in that order instead (a copy of the weight, cached) - the same products.
+            boxes[idx] = tuple(_flat_channels_last(t) for t in inputs[0])
+            flat_chw[idx] = tuple(inputs[0][0].shape[1:])
+        else:
+            chw = flat_chw.get(node.inputs[0]) if node.kind == LINEAR else None
+            boxes[idx] = ibp_node(node, inputs, own, pool, chw)
         writable[idx] = node.kind != FLATTEN or own[0]
         for i in set(node.inputs):
             if last_read[i] == idx and i not in keep:
                 del boxes[i]
     return {i: boxes[i] for i in keep}
+
+
+def _flattens_for_linear(graph: Graph, idx: int, t: Tensor, keep: set[int]) -> bool:
+    """Whether node ``idx`` flattens channels-last 4-d maps (not also contiguous) for one Linear node alone."""
+    node = graph.nodes[idx]
+    if node.kind != FLATTEN or idx in keep or idx == graph.output or t.dim() != 4:
+        return False
+    if (node.module.start_dim, node.module.end_dim) not in ((1, -1), (1, 3)):
+        return False
+    if t.is_contiguous() or not t.is_contiguous(memory_format=_NHWC):
+        return False
+    readers = [n for n in graph.nodes if idx in n.inputs]
+    return len(readers) == 1 and readers[0].kind == LINEAR
 
 
 def _transpose(fn, A: Tensor, in_shape: torch.Size, create_graph: bool) -> Tensor:
