@@ -188,13 +188,18 @@ def interleaved(
     """Seconds per call of each function, one sample per round, the functions taking turns in every round.
 
     Load from other processes then hits all functions of a round alike, so ratios taken within a round
-    (see :func:`round_ratios`) are steadier than ratios of separately measured medians. ``cpu``, when given,
-    receives the CPU seconds (user + system) per call of the same samples.
+    (see :func:`round_ratios`) are steadier than ratios of separately measured medians. The order turns by
+    one place every round: a function timed right after a large one (CROWN, a training step) starts with
+    cold caches, measured at up to 6 % of an IBP pass, and no function should always take that seat.
+    ``cpu``, when given, receives the CPU seconds (user + system) per call of the same samples.
     """
     calls = {name: calibrate(fn, warmup) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
+            fn = fns[name]
             wall, used = sample_both(fn, calls[name])
             samples[name].append(wall)
             if cpu is not None:

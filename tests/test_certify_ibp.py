@@ -23,7 +23,7 @@ def _reference_ibp(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
         bl, bu = _reference_ibp(module.body, lower, upper)
         sl, su = _reference_ibp(module.shortcut, lower, upper)
         return bl + sl, bu + su
-    if isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity)):
+    if isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity)):
         return module(lower.clone()), module(upper.clone())
     mid, rad = (upper + lower) / 2, (upper - lower) / 2
     if isinstance(module, nn.Linear):
@@ -137,3 +137,79 @@ def test_margin_bounds_match_the_definitions():
     # The final Linear layer is folded into the spec, which is tighter than bounding the logits first.
     ref_lower, ref_upper = _reference_margins(net, x, y, 0.03)
     assert (ours[0] >= ref_lower - 1e-5).all() and (ours[1] <= ref_upper + 1e-5).all()
+
+
+def _nets() -> dict[str, nn.Module]:
+    """Networks that take each shortcut of the no-autograd pass: a Normalize folded into an unpadded
+    convolution (one and three channels), kept before a padded or grouped one, a ReLU moved after the max
+    pooling that reads it, a greyscale input read by the paired convolution without a copy."""
+    torch.manual_seed(3)
+    nets = {
+        "rgb_fold_relu_pool": nn.Sequential(
+            Normalize([0.4, 0.5, 0.6], [0.2, 0.25, 0.3]),
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 8),
+            nn.ReLU(),
+            nn.Linear(8, 5),
+        ),
+        "grey_padded_no_fold": nn.Sequential(
+            Normalize([0.3], [0.4]),
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 5),
+        ),
+        "grouped_no_fold": nn.Sequential(
+            Normalize([0.1, 0.9], [0.5, 2.0]),
+            nn.Conv2d(2, 4, 3, groups=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 5),
+        ),
+    }
+    return {name: net.eval() for name, net in nets.items()}
+
+
+@pytest.mark.parametrize("name", ["rgb_fold_relu_pool", "grey_padded_no_fold", "grouped_no_fold"])
+def test_every_shortcut_of_the_pass_matches_the_definitions(name):
+    net = _nets()[name]
+    channels = net[1].in_channels
+    generator = torch.Generator().manual_seed(4)
+    x = torch.rand(5, channels, 12, 12, generator=generator)
+    y = torch.randint(0, 5, (5,), generator=generator)
+    C = margin_spec(y, 5, dtype=x.dtype)
+    with torch.no_grad():
+        logits = interval_bounds(net, x, 0.03)
+        margins = interval_bounds(net, x, 0.03, C=C)
+        reference = _reference_ibp(net, *input_box(x, 0.03))
+    for ours, ref in zip(logits, reference):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with_grad = interval_bounds(net, x, 0.03, C=C)  # autograd on: none of the shortcuts
+    for ours, ref in zip(margins, with_grad):
+        torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=1e-5)
+    points = (x + 0.03 * (2 * torch.rand(100, *x.shape, generator=generator) - 1)).clamp(0, 1)
+    with torch.no_grad():
+        sampled = torch.einsum("bsk,nbk->nbs", C, net(points.flatten(0, 1)).view(100, len(x), 5))
+    assert (sampled >= margins[0] - 1e-5).all() and (sampled <= margins[1] + 1e-5).all()
+
+
+def test_a_folded_normalize_follows_in_place_updates_of_its_buffers():
+    net = _nets()["rgb_fold_relu_pool"]
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        interval_bounds(net, x, 0.02)  # caches the folded weights
+        net[0].mean.add_(0.1)
+        net[0].std.mul_(1.5)
+        after = interval_bounds(net, x, 0.02)
+        reference = _reference_ibp(net, *input_box(x, 0.02))
+    for ours, ref in zip(after, reference):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -43,6 +43,8 @@ _LEAVES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Flatten, FLATTEN),
 )
 
+_EXACT = dict((base, kind) for base, kind in _LEAVES)
+
 SUPPORTED_MODULES = (
     "nn.Sequential, Normalize, nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d (eval mode), nn.ReLU, nn.MaxPool2d, "
     "nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, Residual"
@@ -111,10 +113,12 @@ def _build(module: nn.Module, graph: Graph, inp: int, name: str) -> int:
         return graph.add(ADD, module, (body, shortcut), name)
     if _plain(module, nn.Identity):
         return inp
-    for base, kind in _LEAVES:
-        if _plain(module, base):
-            _check_leaf(module, kind, name)
-            return graph.add(kind, module, (inp,), name)
+    kind = _EXACT.get(type(module))  # the common case, without walking _LEAVES
+    if kind is None:
+        kind = next((kind for base, kind in _LEAVES if _plain(module, base)), None)
+    if kind is not None:
+        _check_leaf(module, kind, name)
+        return graph.add(kind, module, (inp,), name)
     where = f"module {name!r}" if name else "the model"
     raise UnsupportedModelError(
         f"cannot bound {where}: unsupported module type {type(module).__qualname__}. "

@@ -57,61 +57,77 @@ def channel_affine(node: Node, ndim: int) -> tuple[Tensor, Tensor]:
     return scale.reshape(view), shift.reshape(view)
 
 
-class _Pool:
-    """Buffers of dead intermediate boxes, handed out again to later nodes of the same size, so that one IBP
-    pass allocates (and the allocator faults in) a few large tensors per layer instead of ten. ``enabled``
-    is False under autograd, where every result is a fresh tensor."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.free: list[Tensor] = []
-
-    def take(self, like: Tensor) -> Tensor:
-        for i, buf in enumerate(self.free):
-            if buf.shape == like.shape and buf.stride() == like.stride() and buf.dtype == like.dtype:
-                return self.free.pop(i)
-        return torch.empty_like(like)
-
-    def give(self, *tensors: Tensor) -> None:
-        if self.enabled:
-            self.free.extend(t for t in tensors if t.is_contiguous() or t.is_contiguous(memory_format=_NHWC))
-
+# Inside the interval pass a box travels as ``(centre, width) = ((l + u) / 2, u - l)``: an affine node maps
+# the centre through itself and the width through its absolute value with no element-wise work on either
+# side, and a ReLU costs four element-wise passes (``_relu``); in (lower, upper) form an affine + ReLU layer
+# costs six (centre and radius in, bounds out, two ReLUs).
+CentreWidth = tuple[Tensor, Tensor]
 
 _NHWC = torch.channels_last
 
 
-def _halves(m: nn.Module) -> tuple[Tensor, ...]:
-    return m.weight * 0.5, m.weight.abs() * 0.5
+def _centre_width(box: Box) -> CentreWidth:
+    lower, upper = box
+    return torch.lerp(lower, upper, 0.5), upper - lower
 
 
-def _pair(m: nn.Module) -> tuple[Tensor, ...]:
-    """Weights of one convolution with two groups computing ``W/2 · s + b`` and ``|W|/2 · d`` together."""
-    half, half_abs = _halves(m)
-    bias = None if m.bias is None else torch.cat([m.bias, torch.zeros_like(m.bias)])
-    return (torch.cat([half, half_abs]),) if bias is None else (torch.cat([half, half_abs]), bias)
+def _lower_upper(cw: CentreWidth) -> Box:
+    centre, width = cw
+    half = width * 0.5
+    return centre - half, centre + half
 
 
-def _weights(m: nn.Module, build, grad: bool, chw: tuple[int, ...] | None = None) -> tuple[Tensor, ...]:
-    """``build(m)``: weights derived from a layer's parameters (see ``_halves`` and ``_pair``); with ``chw``,
-    a Linear layer's columns reordered for an input flattened from channels-last ``(C, H, W)`` maps.
+def _abs_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, ...]:
+    return weight, weight.abs(), bias
 
-    The affine step takes ``u + l`` and ``u - l`` (twice the centre and radius) through the halved weights:
-    the same products as ``(u + l) / 2`` through ``W``, bit for bit, with two element-wise passes fewer.
-    Without autograd the derived weights are cached per layer and rebuilt when a parameter changes (its
-    version counter moves with every in-place update: an optimiser step, ``load_state_dict``)."""
+
+def _paired_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Weights of one convolution with two groups computing ``W · c + b`` and ``|W| · w`` together."""
+    pair_bias = None if bias is None else torch.cat([bias, torch.zeros_like(bias)])
+    return torch.cat([weight, weight.abs()]), pair_bias
+
+
+def _folded(m: nn.Conv2d, norm: Node) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``conv(normalize(x))`` as one convolution: exact without padding, where every
+    output reads only normalised pixels. The interval image is the same (a per-channel affine map takes a
+    box to a box exactly, and ``|W a| = |W| |a|``)."""
+    scale, shift = channel_affine(norm, 3)  # (C, 1, 1)
+    weight = m.weight * scale.reshape(1, -1, 1, 1)
+    bias = (m.weight * shift.reshape(1, -1, 1, 1)).sum((1, 2, 3))
+    return weight, bias if m.bias is None else bias + m.bias
+
+
+def _weights(
+    m: nn.Module, build, grad: bool, chw: tuple[int, ...] | None = None, fold: Node | None = None
+) -> tuple[Tensor | None, ...]:
+    """``build(weight, bias)``: weights derived from a layer's parameters (``_abs_weight``,
+    ``_paired_weight``); with ``chw``, a Linear layer's columns reordered for an input flattened from
+    channels-last ``(C, H, W)`` maps; with ``fold``, a Normalize node folded into a convolution first.
+
+    Without autograd the derived weights are cached per layer and rebuilt when a parameter or a folded
+    buffer changes (its version counter moves with every in-place update: an optimiser step,
+    ``load_state_dict``)."""
     if grad:
-        return build(m)
-    key = (build, *((p.data_ptr(), p._version, p.dtype, p.device) for p in (m.weight, m.bias) if p is not None))
-    cache = _DERIVED.setdefault(m, {})
-    if (build, chw) not in cache or cache[build, chw][0] != key:
+        return build(*(_folded(m, fold) if fold else (m.weight, m.bias)))
+    tensors = (m.weight, m.bias, *((fold.module.mean, fold.module.std) if fold else ()))
+    key = (m.weight.dtype, m.weight.device, *((t.data_ptr(), t._version) for t in tensors if t is not None))
+    cache = _DERIVED.get(m)
+    if cache is None:  # (WeakKeyDictionary.setdefault would make a weak reference at every call)
+        cache = _DERIVED[m] = {}
+    slot = (build, chw, fold is not None)
+    if slot not in cache or cache[slot][0] != key:
         with torch.no_grad():
-            derived = build(m)
+            derived = build(*(_folded(m, fold) if fold else (m.weight, m.bias)))
             if chw is not None:
-                derived = tuple(_channels_last_columns(t, chw) for t in derived)
+                derived = tuple(t if t is None or t.dim() == 1 else _channels_last_columns(t, chw) for t in derived)
             # Convolution weights in the maps' channels-last layout, or oneDNN would reorder them at every call.
-            derived = tuple(t.contiguous(memory_format=_NHWC) if t.dim() == 4 else t for t in derived)
-            cache[build, chw] = (key, derived)
-    return cache[build, chw][1]
+            derived = tuple(t.contiguous(memory_format=_NHWC) if t is not None and t.dim() == 4 else t for t in derived)
+            cache[slot] = (key, derived)
+    return cache[slot][1]
+
+
+# layer -> {(builder, chw, folded): (parameter key, derived weights)}; entries go with their layer.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _channels_last_columns(weight: Tensor, chw: tuple[int, ...]) -> Tensor:
@@ -124,151 +140,220 @@ def _flat_channels_last(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
-# layer -> {builder: (parameter key, derived weights)}; entries go with their layer.
-_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _channels_last_centre_width(lower: Tensor, upper: Tensor) -> CentreWidth:
+    """The input box as channels-last centre and width maps; a single channel as the two halves of one
+    two-channel map, which a paired first convolution then reads without a copy."""
+    B, C, H, W = lower.shape
+    if C == 1:
+        pair = torch.empty((B, 2, H, W), dtype=lower.dtype, device=lower.device).contiguous(memory_format=_NHWC)
+        centre, width = pair[:, :1], pair[:, 1:]
+    else:
+        centre, width = (torch.empty_like(lower, memory_format=_NHWC) for _ in range(2))
+    torch.lerp(lower, upper, 0.5, out=centre)
+    torch.sub(upper, lower, out=width)
+    return centre, width
 
 
-def _paired_conv(m: nn.Conv2d, lower: Tensor, upper: Tensor, pool: _Pool) -> tuple[Tensor, Tensor]:
-    """Centre and radius images of a single-input-channel convolution in one call with two groups.
+def _one_pair(centre: Tensor, width: Tensor) -> Tensor | None:
+    """The two-channel channels-last map whose halves ``centre`` and ``width`` are, if they are."""
+    B, _, H, W = centre.shape
+    pair_strides = (2 * H * W, 1, 2 * W, 2)
+    if centre.stride() != pair_strides or width.stride() != pair_strides:
+        return None
+    if width.untyped_storage().data_ptr() != centre.untyped_storage().data_ptr():
+        return None
+    if width.storage_offset() != centre.storage_offset() + 1:
+        return None
+    return centre.as_strided((B, 2, H, W), pair_strides)
+
+
+def _paired_conv(m: nn.Conv2d, centre: Tensor, width: Tensor, grad: bool, fold: Node | None) -> CentreWidth:
+    """Centre and width images of a single-input-channel convolution in one call with two groups.
 
     Measured on a CPU (oneDNN, batch 128, 28x28 maps, channels-last), two separate convolutions with one
-    input channel cost 9x this one and fault a scratch buffer in at every call; with more input channels
-    the two separate calls are slightly cheaper, so only this case is paired."""
-    if pool.enabled:
-        shape = (lower.shape[0], 2, *lower.shape[2:])
-        pair = torch.empty(shape, dtype=lower.dtype, device=lower.device, memory_format=_NHWC)
-        torch.add(upper, lower, out=pair[:, :1])
-        torch.sub(upper, lower, out=pair[:, 1:])
-    else:
-        pair = torch.cat([upper + lower, upper - lower], 1)
-    weight, *bias = _weights(m, _pair, not pool.enabled)
-    out = F.conv2d(pair, weight, bias[0] if bias else None, m.stride, m.padding, m.dilation, groups=2)
+    input channel cost more than this one; with more input channels the two separate calls are cheaper
+    (benchmarks/bounds.py, docs/PERFORMANCE.md), so only this case is paired."""
+    if grad:
+        pair = torch.cat([centre, width], 1)
+    else:  # channels-last maps, which the two-group convolution keeps
+        pair = _one_pair(centre, width)
+        if pair is None:
+            pair = torch.empty((centre.shape[0], 2, *centre.shape[2:]), dtype=centre.dtype, device=centre.device)
+            pair = pair.contiguous(memory_format=_NHWC)
+            pair[:, :1].copy_(centre)
+            pair[:, 1:].copy_(width)
+    weight, bias = _weights(m, _paired_weight, grad, fold=fold)
+    out = F.conv2d(pair, weight, bias, m.stride, m.padding, m.dilation, groups=2)
     return out[:, : m.out_channels], out[:, m.out_channels :]
 
 
-def _affine_box(node: Node, lower: Tensor, upper: Tensor, own: bool, pool: _Pool, chw: tuple[int, ...] | None) -> Box:
-    """Interval image of an affine node: the centre through the map, the radius through its absolute value."""
+def _affine(
+    node: Node, centre: Tensor, width: Tensor, own: bool, chw: tuple[int, ...] | None, fold: Node | None
+) -> CentreWidth:
+    """Image of an affine node: the centre through the map, the width through its absolute value.
+    ``fold``: the Normalize node before this convolution, passed through (see ``ibp_pass``)."""
     kind, m = node.kind, node.module
-    if kind == CONV and m.in_channels == 1 and m.groups == 1 and m.padding_mode == "zeros":
-        mid, rad = _paired_conv(m, lower, upper, pool)
-    else:
-        reuse = own and pool.enabled
-        if pool.enabled:
-            twice_mid = torch.add(upper, lower, out=pool.take(lower))
-            twice_rad = upper.sub_(lower) if reuse else torch.sub(upper, lower, out=pool.take(lower))
-        else:
-            twice_mid, twice_rad = upper + lower, upper - lower
-        if reuse:
-            pool.give(lower)
-        mid, rad = _affine_pair(node, twice_mid, twice_rad, not pool.enabled, chw)
-        pool.give(twice_mid, twice_rad)
-    if not pool.enabled:
-        return mid - rad, mid + rad
-    out_lower = torch.sub(mid, rad, out=pool.take(mid))
-    out_upper = rad.add_(mid) if rad.is_contiguous(memory_format=_NHWC) or rad.is_contiguous() else mid + rad
-    pool.give(mid)
-    return out_lower, out_upper
-
-
-def _affine_pair(
-    node: Node, twice_mid: Tensor, twice_rad: Tensor, grad: bool, chw: tuple[int, ...] | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(centre, radius)`` of an affine node's image from twice its input's centre and radius."""
-    kind, m = node.kind, node.module
+    grad = torch.is_grad_enabled()
     if kind == LINEAR:
-        half, half_abs = _weights(m, _halves, grad, chw)
-        return F.linear(twice_mid, half, m.bias), F.linear(twice_rad, half_abs)
+        weight, weight_abs, bias = _weights(m, _abs_weight, grad, chw)
+        return F.linear(centre, weight, bias), F.linear(width, weight_abs)
     if kind == CONV:
-        half, half_abs = _weights(m, _halves, grad)
-        return m._conv_forward(twice_mid, half, m.bias), m._conv_forward(twice_rad, half_abs, None)
+        if m.in_channels == 1 and m.groups == 1 and m.padding_mode == "zeros":
+            return _paired_conv(m, centre, width, grad, fold)
+        weight, weight_abs, bias = _weights(m, _abs_weight, grad, fold=fold)
+        return m._conv_forward(centre, weight, bias), m._conv_forward(width, weight_abs, None)
     if kind in (NORMALIZE, BATCHNORM):
-        scale, shift = channel_affine(node, twice_mid.dim())
-        return twice_mid * (scale * 0.5) + shift, twice_rad * (scale.abs() * 0.5)
+        scale, shift = channel_affine(node, centre.dim())
+        if own:
+            return centre.mul_(scale).add_(shift), width.mul_(scale.abs())
+        return centre * scale + shift, width * scale.abs()
     raise AssertionError(kind)  # pragma: no cover - build_graph only emits the kinds above
+
+
+def _relu(centre: Tensor, width: Tensor, own: bool) -> CentreWidth:
+    """ReLU image: with ``u = c + w/2`` and ``l = u - w``, the new width is ``relu(u) - relu(l)``, which is
+    ``min(relu(u), w)`` as ``w >= 0``, and the new centre ``relu(u) - width / 2``."""
+    if own:  # four passes, in place
+        upper = centre.add_(width, alpha=0.5).clamp_min_(0)
+        new_width = torch.minimum(upper, width, out=width)
+        return upper.sub_(new_width, alpha=0.5), new_width
+    # Out of place (autograd, or a box someone else holds), written with two ReLUs so that the gradient at a
+    # bound exactly 0 is ReLU's, as in (lower, upper) form.
+    pre_upper = torch.add(centre, width, alpha=0.5)
+    upper = F.relu(pre_upper)
+    new_width = upper - F.relu(pre_upper - width)
+    return upper - 0.5 * new_width, new_width
+
+
+def _maxpool(m: nn.Module, centre: Tensor, width: Tensor, own: bool, relu_after: bool) -> CentreWidth:
+    """Max pooling is monotone: the box of the pooled bounds. ``relu_after``: the ReLU this pool reads was
+    skipped, and is applied here to the pooled bounds instead (the two commute exactly), on a quarter of
+    the elements."""
+    if own:
+        upper = centre.add_(width, alpha=0.5)
+        lower = torch.sub(upper, width, out=width)
+    else:
+        lower, upper = _lower_upper((centre, width))
+    lower, upper = m(lower), m(upper)
+    if relu_after:
+        lower, upper = F.relu(lower), F.relu(upper)
+    return _centre_width((lower, upper))
 
 
 def ibp_node(
     node: Node,
-    boxes: list[Box],
+    boxes: list[CentreWidth],
     own: tuple[bool, ...] = (),
-    pool: _Pool | None = None,
     chw: tuple[int, ...] | None = None,
-) -> Box:
-    """Interval image of one node given the boxes of its inputs.
+    relu_after: bool = False,
+    fold: Node | None = None,
+) -> CentreWidth:
+    """Interval image of one node given the ``(centre, width)`` boxes of its inputs.
 
-    ``own[i]`` says that the i-th input box may be overwritten (this node is its last reader and nothing
-    else holds it); with an enabled ``pool`` such boxes are updated in place and dead buffers reused.
-    ``chw``: a Linear node's input box was flattened from channels-last ``(C, H, W)`` maps."""
-    pool = pool or _Pool(False)
+    ``own[i]`` says that the i-th input box may be overwritten (this node is its last reader, nothing else
+    holds it and autograd is off); such boxes are updated in place. ``chw``: a Linear node's input box was
+    flattened from channels-last ``(C, H, W)`` maps. ``relu_after``: a MaxPool node reads a ReLU node that
+    was passed through; ``fold``: a convolution reads a Normalize node that was passed through (see
+    ``ibp_pass``)."""
     own = own or (False,) * len(boxes)
     kind, m = node.kind, node.module
     if kind == ADD:
-        (l1, u1), (l2, u2) = boxes
-        if pool.enabled and (own[0] or own[1]):
-            (l1, u1), (l2, u2) = boxes if own[0] else boxes[::-1]  # addition commutes, bit for bit
-            return l1.add_(l2), u1.add_(u2)
-        return l1 + l2, u1 + u2
-    lower, upper = boxes[0]
-    if kind == RELU:  # not m(lower): an in-place ReLU would overwrite the stored pre-activation bounds
-        if pool.enabled and own[0]:
-            return lower.relu_(), upper.relu_()
-        return F.relu(lower), F.relu(upper)
-    if kind in (MAXPOOL, AVGPOOL, FLATTEN):
-        # Monotone maps (average pooling has non-negative weights), so the box maps to a box.
-        out = m(lower), m(upper)
-        if own[0] and kind != FLATTEN:  # a flattened box is a view of its input
-            pool.give(lower, upper)
-        return out
-    return _affine_box(node, lower, upper, own[0], pool, chw)
+        (c1, w1), (c2, w2) = boxes
+        if own[0] or own[1]:
+            (c1, w1), (c2, w2) = boxes if own[0] else boxes[::-1]  # addition commutes, bit for bit
+            return c1.add_(c2), w1.add_(w2)
+        return c1 + c2, w1 + w2
+    centre, width = boxes[0]
+    if kind == RELU:
+        return _relu(centre, width, own[0])
+    if kind in (AVGPOOL, FLATTEN):
+        # Linear with non-negative weights (average pooling) or a reshape: centre to centre, width to width.
+        return m(centre), m(width)
+    if kind == MAXPOOL:
+        return _maxpool(m, centre, width, own[0], relu_after)
+    return _affine(node, centre, width, own[0], chw, fold)
 
 
-def ibp_pass(graph: Graph, x_lower: Tensor, x_upper: Tensor, keep: set[int]) -> dict[int, Box]:
-    """IBP through ``graph``, returning only the boxes of the nodes in ``keep``.
+def ibp_box(node: Node, boxes: list[Box]) -> Box:
+    """``ibp_node`` on ``(lower, upper)`` boxes, nothing overwritten (the CROWN state keeps every box)."""
+    return _lower_upper(ibp_node(node, [_centre_width(b) for b in boxes]))
+
+
+def ibp_pass(graph: Graph, x_lower: Tensor, x_upper: Tensor, keep: set[int]) -> dict[int, CentreWidth]:
+    """IBP through ``graph``, returning only the ``(centre, width)`` boxes of the nodes in ``keep``.
 
     Every other box is dropped after its last reader; without autograd it is overwritten in place by that
-    reader and its buffers reused, which spares the allocator most of a pass's large tensors. The bounds
-    equal those of a pass keeping every box up to float rounding (channels-last convolutions may sum in
-    another order)."""
+    reader. The bounds equal those of a pass keeping every box up to float rounding (channels-last
+    convolutions may sum in another order)."""
     last_read = {i: idx for idx, node in enumerate(graph.nodes) for i in node.inputs}
-    pool = _Pool(not torch.is_grad_enabled())
-    if pool.enabled and x_lower.dim() == 4 and any(node.kind == CONV for node in graph.nodes):
+    grad = torch.is_grad_enabled()
+    last = max(keep)  # no later node is needed
+    if not grad and x_lower.dim() == 4 and any(node.kind == CONV for node in graph.nodes):
         # Without autograd, convolutions and max pooling on channels-last (NHWC) maps cost less on a CPU;
         # element-wise ops cost the same. With autograd the backward passes favour the default layout.
-        x_lower, x_upper = x_lower.contiguous(memory_format=_NHWC), x_upper.contiguous(memory_format=_NHWC)
-    boxes: dict[int, Box] = {0: (x_lower, x_upper)}
-    writable = {0: False}  # whether a node's box is its own (not the caller's input, not a kept box's view)
+        boxes = {0: _channels_last_centre_width(x_lower, x_upper)}
+    else:
+        boxes = {0: _centre_width((x_lower, x_upper))}
+    writable = {0: not grad}  # whether a node's box may be overwritten (its own, not a kept box's view)
+    readers: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        for i in node.inputs:
+            readers.setdefault(i, []).append(node)
     flat_chw: dict[int, tuple[int, ...]] = {}  # flatten nodes whose box is in (H, W, C) order -> (C, H, W)
-    for idx, node in enumerate(graph.nodes[1:], start=1):
+    passed: dict[int, Node] = {}  # nodes passed through -> themselves, applied by the node reading them
+    for idx, node in enumerate(graph.nodes[1 : last + 1], start=1):
         own = tuple(
             writable[i] and last_read[i] == idx and i not in keep and node.inputs.count(i) == 1 for i in node.inputs
         )
         inputs = [boxes[i] for i in node.inputs]
-        if pool.enabled and _flattens_for_linear(graph, idx, inputs[0][0], keep):
+        only = readers[idx][0] if len(readers.get(idx, ())) == 1 and idx not in keep else None
+        if not grad and node.kind == FLATTEN and _flattens_for_linear(node, inputs[0][0], only):
             # Flattening channels-last maps in their memory order costs nothing; the one Linear reading them
             # takes its columns in that order instead (a copy of the weight, cached) - the same products.
             boxes[idx] = tuple(_flat_channels_last(t) for t in inputs[0])
             flat_chw[idx] = tuple(inputs[0][0].shape[1:])
+        elif _passes_to(node, only, grad):
+            boxes[idx] = inputs[0]
+            passed[idx] = node
         else:
-            chw = flat_chw.get(node.inputs[0]) if node.kind == LINEAR else None
-            boxes[idx] = ibp_node(node, inputs, own, pool, chw)
-        writable[idx] = node.kind != FLATTEN or own[0]
+            before = passed.get(node.inputs[0])
+            boxes[idx] = ibp_node(
+                node,
+                inputs,
+                own,
+                flat_chw.get(node.inputs[0]) if node.kind == LINEAR else None,
+                relu_after=before is not None and before.kind == RELU,
+                fold=before if before is not None and before.kind == NORMALIZE else None,
+            )
+        through = node.kind == FLATTEN or idx in passed  # the box is (a view of) its input's
+        writable[idx] = not grad and (not through or own[0])
         for i in set(node.inputs):
             if last_read[i] == idx and i not in keep:
                 del boxes[i]
     return {i: boxes[i] for i in keep}
 
 
-def _flattens_for_linear(graph: Graph, idx: int, t: Tensor, keep: set[int]) -> bool:
-    """Whether node ``idx`` flattens channels-last 4-d maps (not also contiguous) for one Linear node alone."""
-    node = graph.nodes[idx]
-    if node.kind != FLATTEN or idx in keep or idx == graph.output or t.dim() != 4:
+def _passes_to(node: Node, reader: Node | None, grad: bool) -> bool:
+    """Whether ``node`` is left to the one node reading it: a ReLU to a max pooling (the pool goes first
+    and the ReLU after it, on a quarter of the elements; the two commute exactly), or, without autograd,
+    a Normalize to an unpadded convolution (folded into its cached weights)."""
+    if reader is None:
+        return False
+    if node.kind == RELU:
+        return reader.kind == MAXPOOL
+    if node.kind == NORMALIZE and reader.kind == CONV and reader.module.groups == 1 and not grad:
+        m = reader.module
+        return m.padding == "valid" or (not isinstance(m.padding, str) and not any(m.padding))
+    return False
+
+
+def _flattens_for_linear(node: Node, t: Tensor, reader: Node | None) -> bool:
+    """Whether a flatten node turns channels-last 4-d maps (not also contiguous) into one Linear's input."""
+    if reader is None or reader.kind != LINEAR or t.dim() != 4:
         return False
     if (node.module.start_dim, node.module.end_dim) not in ((1, -1), (1, 3)):
         return False
-    if t.is_contiguous() or not t.is_contiguous(memory_format=_NHWC):
-        return False
-    readers = [n for n in graph.nodes if idx in n.inputs]
-    return len(readers) == 1 and readers[0].kind == LINEAR
+    return t.is_contiguous(memory_format=_NHWC) and not t.is_contiguous()
 
 
 def _transpose(fn, A: Tensor, in_shape: torch.Size, create_graph: bool) -> Tensor:
@@ -304,6 +389,7 @@ class BoundState:
         tighten_with_ibp: bool = True,
         *,
         ibp_spec_only: bool = False,
+        spec: bool = True,
     ) -> None:
         self.graph = graph
         self.tighten = tighten_with_ibp
@@ -312,13 +398,16 @@ class BoundState:
             # Only ibp_spec will be asked for: keep the boxes it reads, let every other one be overwritten.
             if intermediate != "ibp":
                 raise ValueError("ibp_spec_only needs intermediate='ibp'")
-            kept = ibp_pass(graph, x_lower, x_upper, self._ibp_spec_reads())
-            self.boxes = [kept.get(i) for i in range(len(graph.nodes))]
+            self._kept = ibp_pass(graph, x_lower, x_upper, self._ibp_spec_reads(spec))
+            self.boxes = [None] * len(graph.nodes)
+            for i, cw in self._kept.items():
+                self.boxes[i] = _lower_upper(cw) if i == graph.output else None
             return
+        self._kept = {}
         self.boxes: list[Box] = [(x_lower, x_upper)]
         refine = self._needs_refinement() if intermediate == "crown" else {}
         for idx, node in enumerate(graph.nodes[1:], start=1):
-            self.boxes.append(ibp_node(node, [self.boxes[i] for i in node.inputs]))
+            self.boxes.append(ibp_box(node, [self.boxes[i] for i in node.inputs]))
             if idx in refine:
                 self.boxes[idx] = self._crown_box(idx, only_unstable=refine[idx] and self.tighten)
 
@@ -366,36 +455,41 @@ class BoundState:
         flat_u = flat_u.index_copy(1, neurons, torch.minimum(flat_u[:, neurons], cu) if self.tighten else cu)
         return flat_l.view_as(lower), flat_u.view_as(upper)
 
-    def _ibp_spec_reads(self) -> set[int]:
-        """The nodes whose boxes ``ibp_spec`` reads: the output, and the input of a final Linear layer."""
+    def _ibp_spec_reads(self, spec: bool) -> set[int]:
+        """The nodes whose boxes ``ibp_spec`` reads: with a spec and a final Linear layer, that layer's input
+        (the output box is then computed only if the input is not flat), else the output."""
         node = self.graph.nodes[self.graph.output]
-        return {self.graph.output, *node.inputs} if node.kind == LINEAR else {self.graph.output}
+        return set(node.inputs) if spec and node.kind == LINEAR else {self.graph.output}
 
     # ------------------------------------------------------------------------------------ final bounds
     @property
     def output(self) -> Box:
-        return self.boxes[self.graph.output]
+        out = self.graph.output
+        if self.boxes[out] is None:  # an IBP-spec-only pass stopped before the final Linear layer
+            node = self.graph.nodes[out]
+            self.boxes[out] = _lower_upper(ibp_node(node, [self._kept[i] for i in node.inputs]))
+        return self.boxes[out]
 
     def ibp_spec(self, C: Tensor | None) -> Box:
         """IBP bounds of ``C @ logits``; a final Linear layer is folded into ``C`` first (tighter)."""
         if C is None:
             return self.output
         node = self.graph.nodes[self.graph.output]
-        if node.kind == LINEAR and self.boxes[node.inputs[0]][0].dim() == 2:
-            lower, upper = self.boxes[node.inputs[0]]
+        if node.kind == LINEAR and self._centre_width(node.inputs[0])[0].dim() == 2:
+            # The layer's centre image, then C; the width through |C W| per example. Element-wise products
+            # summed over the last dimension: batches of tiny matrix products cost more on a CPU.
             m = node.module
-            weight = C @ m.weight  # (B, S, in)
-            mid, rad = (upper + lower) / 2, (upper - lower) / 2
-            centre = torch.einsum("bsi,bi->bs", weight, mid)
-            if m.bias is not None:
-                centre = centre + C @ m.bias
-            radius = torch.einsum("bsi,bi->bs", weight.abs(), rad)
+            centre, width = self._centre_width(node.inputs[0])
+            centre = (C * F.linear(centre, m.weight, m.bias).unsqueeze(1)).sum(-1)
+            radius = ((C @ m.weight).abs_() * width.unsqueeze(1)).sum(-1).mul_(0.5)
         else:
-            lower, upper = self.output
-            mid, rad = (upper + lower) / 2, (upper - lower) / 2
-            centre = torch.einsum("bsk,bk->bs", C, mid)
-            radius = torch.einsum("bsk,bk->bs", C.abs(), rad)
+            centre, width = self._centre_width(self.graph.output)
+            centre = (C * centre.unsqueeze(1)).sum(-1)
+            radius = (C.abs() * width.unsqueeze(1)).sum(-1).mul_(0.5)
         return centre - radius, centre + radius
+
+    def _centre_width(self, idx: int) -> CentreWidth:
+        return self._kept[idx] if idx in self._kept else _centre_width(self.boxes[idx])
 
     def crown_spec(self, C: Tensor, bound_lower: bool = True, bound_upper: bool = True) -> Box:
         """Backward (CROWN) bounds of ``C @ logits``; a side not asked for is the IBP bound instead."""

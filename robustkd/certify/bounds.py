@@ -72,7 +72,7 @@ class Verifier:
     ) -> Box:
         if self.native and self.final == "ibp":
             # IBP alone reads two boxes at the end: the pass may overwrite and reuse all the others.
-            state = BoundState(build_graph(model), x_lower, x_upper, "ibp", ibp_spec_only=True)
+            state = BoundState(build_graph(model), x_lower, x_upper, "ibp", ibp_spec_only=True, spec=C is not None)
             return self.spec_bounds(state, C, bound_lower, bound_upper)
         if self.native:
             return self.spec_bounds(self.state(model, x_lower, x_upper), C, bound_lower, bound_upper)
@@ -118,12 +118,14 @@ def input_box(x: Tensor, eps: float | Tensor, *, check_range: bool = True) -> Bo
         raise ConfigError(f"inputs must be batched (B, ...), got shape {tuple(x.shape)}")
     eps_t = _eps_tensor(x, eps)
     # A point outside [0, 1] means the caller normalised the data: the box would not be the intended one.
-    if check_range and x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-        raise ConfigError(
-            f"inputs must lie in [0, 1] (got range [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
-            "normalisation belongs inside the model (robustkd.models.layers.Normalize)"
-        )
-    return (x - eps_t).clamp(0, 1), (x + eps_t).clamp(0, 1)
+    if check_range and x.numel():
+        low, high = (float(v) for v in torch.aminmax(x))
+        if low < -1e-6 or high > 1 + 1e-6:
+            raise ConfigError(
+                f"inputs must lie in [0, 1] (got range [{low:.3g}, {high:.3g}]); "
+                "normalisation belongs inside the model (robustkd.models.layers.Normalize)"
+            )
+    return (x - eps_t).clamp_(0, 1), (x + eps_t).clamp_(0, 1)
 
 
 def _eps_tensor(x: Tensor, eps: float | Tensor) -> Tensor:
