@@ -1,4 +1,4 @@
-"""KD and KDIGA epochs with the teacher cache, without it, and in a hand-written loop.
+"""KD, KDIGA, ARD and RSLAD epochs with the teacher cache, without it, and in a hand-written loop.
 
 ``python -m benchmarks.teacher_cache [--quick] [--n N] [--repeats R] [--threads T]`` prints JSON.
 
@@ -10,6 +10,14 @@ Three ways to train one epoch of each method (student dm_small, teacher dm_mediu
 - ``hand``: a loop as a competent engineer writes it without a cache: float images already on the device, the
   teacher run once a step under no_grad (KDIGA: one teacher pass for its logits and input gradient with
   ``torch.autograd.grad``, input gradients only), the student's forward shared by both terms, one SGD update.
+  ARD and RSLAD use the hand-written losses of ``benchmarks/reference.py`` (input-gradient PGD, the teacher
+  once a step).
+
+KD and KDIGA: the cache must make an epoch at least twice as fast as either uncached loop (target >= 2).
+ARD and RSLAD, whose steps are dominated by the 10-step attack, only run their teacher on clean inputs: the
+cache spares that forward, and robustkd's epoch must cost no more than the hand-written one (hand / cached
+>= 1). AdvFunMatch's teacher sees the attack's points, which change every step: nothing to cache. The attack
+methods train on ``min(n, 1024)`` images an epoch (an epoch of theirs costs ten of KD's).
 
 The first epoch of each is untimed (it builds the cache); then every round times one epoch of each of the six in
 turn, so load from other processes on a shared machine hits them alike, and the ratios are taken within a round.
@@ -35,6 +43,7 @@ from torch import Tensor, nn
 
 from benchmarks import common
 from benchmarks.common import frozen, load_images, make_model, median, round_ratios, setting
+from benchmarks.reference import handwritten_ard_loss, handwritten_rslad_loss
 from robustkd.config import from_dict, validate
 from robustkd.data import DatasetInfo, Split
 from robustkd.engine import loop
@@ -42,10 +51,12 @@ from robustkd.engine.distributed import Dist
 from robustkd.engine.optim import build_optimizer
 from robustkd.methods import Method, build_method
 
-TARGET = 2.0
+TARGETS = {"kd": 2.0, "kdiga": 2.0, "ard": 1.0, "rslad": 1.0}  # uncached or hand epoch time / cached
 STUDENT, TEACHER = "dm_small", "dm_medium"
 BATCH = 128
-METHODS = ("kd", "kdiga")
+METHODS = tuple(TARGETS)
+ATTACK_METHODS = ("ard", "rslad")
+ATTACK_N = 1024
 INFO = DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.286,), (0.353,), tuple("0123456789"), "none")
 
 
@@ -118,7 +129,8 @@ def _hand_epoch(method: str, split: Split, teacher: nn.Module) -> Callable[[], N
     student = make_model(STUDENT, seed=1).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x_all, y_all = split.images.float().div(255), split.labels
-    loss_fn, m = {"kd": _kd_loss, "kdiga": _kdiga_loss}[method], build_method(method)
+    losses = {"kd": _kd_loss, "kdiga": _kdiga_loss, "ard": handwritten_ard_loss, "rslad": handwritten_rslad_loss}
+    loss_fn, m = losses[method], build_method(method)
     generator = torch.Generator().manual_seed(0)
 
     def epoch() -> None:
@@ -165,12 +177,14 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None, n: in
     repeats = repeats or (1 if quick else 5)
     n = n or (256 if quick else 4096)
     x, y, source = load_images(n, seed=0)
-    split = Split(x.mul(255).round().to(torch.uint8), y)
+    full = Split(x.mul(255).round().to(torch.uint8), y)
+    few = min(n, ATTACK_N)
     teacher = frozen(make_model(TEACHER, seed=0))
     epochs: dict[str, Callable[[], None]] = {}
     checks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
+            split = Split(full.images[:few], full.labels[:few]) if method in ATTACK_METHODS else full
             cached = _engine_epoch(method, "always", split, teacher, Path(tmp) / method / "cached")
             uncached = _engine_epoch(method, "never", split, teacher, Path(tmp) / method / "uncached")
             epochs |= {f"{method}/cached": cached, f"{method}/uncached": uncached}
@@ -197,6 +211,7 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None, n: in
             input=[1, 28, 28],
             data=source,
             n=n,
+            n_attack_methods=min(n, ATTACK_N),
             quick=quick,
         ),
         "rows": rows,
@@ -204,13 +219,20 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None, n: in
             {
                 "name": f"teacher_cache/{row['method']}_{other}_over_cached",
                 "ratio": row[f"{other}_over_cached_wall"],
-                "target": f">= {TARGET}",
-                "meets": row[f"{other}_over_cached_wall"] >= TARGET,
+                "target": target,
+                "meets": None if target is None else row[f"{other}_over_cached_wall"] >= TARGETS[row["method"]],
             }
             for row in rows
             for other in ("uncached", "hand")
+            for target in [_target(row["method"], other)]
         ],
     }
+
+
+def _target(method: str, other: str) -> str | None:
+    if method in ATTACK_METHODS and other == "uncached":
+        return None  # the teacher's share of an attack step: reported, no target
+    return f">= {TARGETS[method]}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

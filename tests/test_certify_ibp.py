@@ -1,6 +1,7 @@
-"""Native IBP's buffer-reusing pass (boxes overwritten in place by their last reader, halved weights cached per
-layer, channels-last maps, paired single-channel convolutions) against an independent interval propagation
-written out module by module, and against itself with autograd on (where nothing is reused)."""
+"""Native IBP's no-autograd pass (boxes in centre/width form overwritten in place by their last reader, |W|
+cached per layer, channels-last maps, a paired single-channel convolution, ReLU moved after max pooling, a
+Normalize folded into an unpadded convolution) against an independent interval propagation written out module
+by module, and against itself with autograd on (nothing overwritten, no Normalize folded, default layout)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ def test_every_shortcut_of_the_pass_matches_the_definitions(name):
         reference = _reference_ibp(net, *input_box(x, 0.03))
     for ours, ref in zip(logits, reference):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    with_grad = interval_bounds(net, x, 0.03, C=C)  # autograd on: none of the shortcuts
+    with_grad = interval_bounds(net, x, 0.03, C=C)  # autograd on: nothing in place, nothing folded, NCHW
     for ours, ref in zip(margins, with_grad):
         torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=1e-5)
     points = (x + 0.03 * (2 * torch.rand(100, *x.shape, generator=generator) - 1)).clamp(0, 1)

@@ -1,6 +1,7 @@
 """Native bound propagation over the flat graph: interval (IBP) forward and linear-relaxation backward.
 
-Shapes: a box is a pair ``(lower, upper)`` of tensors shaped like the node's output ``(B, ...)``. A
+Shapes: a box is a pair ``(lower, upper)`` of tensors shaped like the node's output ``(B, ...)`` (the IBP
+pass carries ``(centre, width)`` pairs inside, see ``CentreWidth``). A
 linear bound on specs is a coefficient tensor ``A`` of shape ``(B, S, ...)`` (one row per spec and
 example) plus a bias ``(B, S)``; ``backward`` only ever computes *lower* bounds, and an upper bound is
 minus the lower bound of the negated spec, so each relaxation is written once.
