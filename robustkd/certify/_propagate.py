@@ -146,7 +146,7 @@ def _channels_last_centre_width(lower: Tensor, upper: Tensor) -> CentreWidth:
     two-channel map, which a paired first convolution then reads without a copy."""
     B, C, H, W = lower.shape
     if C == 1:
-        pair = torch.empty((B, 2, H, W), dtype=lower.dtype, device=lower.device).contiguous(memory_format=_NHWC)
+        pair = torch.empty((B, 2, H, W), dtype=lower.dtype, device=lower.device, memory_format=_NHWC)
         centre, width = pair[:, :1], pair[:, 1:]
     else:
         centre, width = (torch.empty_like(lower, memory_format=_NHWC) for _ in range(2))
@@ -179,8 +179,8 @@ def _paired_conv(m: nn.Conv2d, centre: Tensor, width: Tensor, grad: bool, fold: 
     else:  # channels-last maps, which the two-group convolution keeps
         pair = _one_pair(centre, width)
         if pair is None:
-            pair = torch.empty((centre.shape[0], 2, *centre.shape[2:]), dtype=centre.dtype, device=centre.device)
-            pair = pair.contiguous(memory_format=_NHWC)
+            shape = (centre.shape[0], 2, *centre.shape[2:])
+            pair = torch.empty(shape, dtype=centre.dtype, device=centre.device, memory_format=_NHWC)
             pair[:, :1].copy_(centre)
             pair[:, 1:].copy_(width)
     weight, bias = _weights(m, _paired_weight, grad, fold=fold)
@@ -214,9 +214,14 @@ def _affine(
 def _relu(centre: Tensor, width: Tensor, own: bool) -> CentreWidth:
     """ReLU image: with ``u = c + w/2`` and ``l = u - w``, the new width is ``relu(u) - relu(l)``, which is
     ``min(relu(u), w)`` as ``w >= 0``, and the new centre ``relu(u) - width / 2``."""
-    if own:  # four passes, in place
+    if own and _dense(centre) and _dense(width):  # four passes, in place
         upper = centre.add_(width, alpha=0.5).clamp_min_(0)
         new_width = torch.minimum(upper, width, out=width)
+        return upper.sub_(new_width, alpha=0.5), new_width
+    if own:  # halves of one map (the paired convolution's): the same four passes into dense maps, which the
+        # next convolution reads without first copying them
+        upper = torch.add(centre, width, alpha=0.5).clamp_min_(0)
+        new_width = torch.minimum(upper, width)
         return upper.sub_(new_width, alpha=0.5), new_width
     # Out of place (autograd, or a box someone else holds), written with two ReLUs so that the gradient at a
     # bound exactly 0 is ReLU's, as in (lower, upper) form.
@@ -224,6 +229,10 @@ def _relu(centre: Tensor, width: Tensor, own: bool) -> CentreWidth:
     upper = F.relu(pre_upper)
     new_width = upper - F.relu(pre_upper - width)
     return upper - 0.5 * new_width, new_width
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=_NHWC)
 
 
 def _maxpool(m: nn.Module, centre: Tensor, width: Tensor, own: bool, relu_after: bool) -> CentreWidth:
