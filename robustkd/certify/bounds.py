@@ -71,7 +71,8 @@ class Verifier:
         bound_upper: bool = True,
     ) -> Box:
         if self.native and self.final == "ibp":
-            # IBP alone reads two boxes at the end: the pass may overwrite and reuse all the others.
+            # IBP alone reads one box at the end (a final Linear layer's input, or the output): the pass may
+            # overwrite all the others.
             state = BoundState(build_graph(model), x_lower, x_upper, "ibp", ibp_spec_only=True, spec=C is not None)
             return self.spec_bounds(state, C, bound_lower, bound_upper)
         if self.native:
