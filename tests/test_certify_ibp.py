@@ -214,3 +214,32 @@ def test_a_folded_normalize_follows_in_place_updates_of_its_buffers():
         reference = _reference_ibp(net, *input_box(x, 0.02))
     for ours, ref in zip(after, reference):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_spec", [False, True])
+def test_a_final_linear_reading_flattened_channels_last_maps(with_spec):
+    """The final Linear layer reads the flattened maps: kept for the spec (in NCHW order), or computed by the
+    pass itself with its columns reordered (no spec)."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 10 * 10, 4)).eval()
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(4, 2, 12, 12, generator=generator)
+    y = torch.randint(0, 4, (4,), generator=generator)
+    C = margin_spec(y, 4, dtype=x.dtype) if with_spec else None
+    with torch.no_grad():
+        ours = interval_bounds(net, x, 0.05, C=C)
+        lower, upper = _reference_ibp(net[:3], *input_box(x, 0.05))  # the boxes up to the final layer's input
+        ref = _reference_ibp(net, *input_box(x, 0.05))
+    if with_spec:  # the final layer folded into C: at least as tight as bounding the logits first
+        centre = torch.einsum("bsk,bk->bs", C, (ref[0] + ref[1]) / 2)
+        radius = torch.einsum("bsk,bk->bs", C.abs(), (ref[1] - ref[0]) / 2)
+        assert (ours[0] >= centre - radius - 1e-5).all() and (ours[1] <= centre + radius + 1e-5).all()
+        folded = C @ net[3].weight
+        mid, rad = (upper + lower) / 2, (upper - lower) / 2
+        exact = torch.einsum("bsi,bi->bs", folded, mid) + C @ net[3].bias
+        spread = torch.einsum("bsi,bi->bs", folded.abs(), rad)
+        torch.testing.assert_close(ours[0], exact - spread, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[1], exact + spread, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=1e-5)
