@@ -43,7 +43,7 @@ _LEAVES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Flatten, FLATTEN),
 )
 
-_EXACT = dict((base, kind) for base, kind in _LEAVES)
+_EXACT = dict(_LEAVES)
 
 SUPPORTED_MODULES = (
     "nn.Sequential, Normalize, nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d (eval mode), nn.ReLU, nn.MaxPool2d, "

@@ -171,9 +171,9 @@ def _one_pair(centre: Tensor, width: Tensor) -> Tensor | None:
 def _paired_conv(m: nn.Conv2d, centre: Tensor, width: Tensor, grad: bool, fold: Node | None) -> CentreWidth:
     """Centre and width images of a single-input-channel convolution in one call with two groups.
 
-    Measured on a CPU (oneDNN, batch 128, 28x28 maps, channels-last), two separate convolutions with one
-    input channel cost more than this one; with more input channels the two separate calls are cheaper
-    (benchmarks/bounds.py, docs/PERFORMANCE.md), so only this case is paired."""
+    Timed on a CPU (oneDNN, batch 128, 28x28 maps, channels-last) while writing it, two separate convolutions
+    with one input channel cost more than this one, and they leave NCHW maps for the next layer; with more input
+    channels the two separate calls are cheaper, so only this case is paired."""
     if grad:
         pair = torch.cat([centre, width], 1)
     else:  # channels-last maps, which the two-group convolution keeps
@@ -214,14 +214,11 @@ def _affine(
 def _relu(centre: Tensor, width: Tensor, own: bool) -> CentreWidth:
     """ReLU image: with ``u = c + w/2`` and ``l = u - w``, the new width is ``relu(u) - relu(l)``, which is
     ``min(relu(u), w)`` as ``w >= 0``, and the new centre ``relu(u) - width / 2``."""
-    if own and _dense(centre) and _dense(width):  # four passes, in place
-        upper = centre.add_(width, alpha=0.5).clamp_min_(0)
-        new_width = torch.minimum(upper, width, out=width)
-        return upper.sub_(new_width, alpha=0.5), new_width
-    if own:  # halves of one map (the paired convolution's): the same four passes into dense maps, which the
-        # next convolution reads without first copying them
-        upper = torch.add(centre, width, alpha=0.5).clamp_min_(0)
-        new_width = torch.minimum(upper, width)
+    if own:  # four passes; in place, except on the two halves of one map (the paired convolution's), which
+        # go to dense maps the next convolution reads without first copying them
+        in_place = _dense(centre) and _dense(width)
+        upper = (centre.add_(width, alpha=0.5) if in_place else torch.add(centre, width, alpha=0.5)).clamp_min_(0)
+        new_width = torch.minimum(upper, width, out=width) if in_place else torch.minimum(upper, width)
         return upper.sub_(new_width, alpha=0.5), new_width
     # Out of place (autograd, or a box someone else holds), written with two ReLUs so that the gradient at a
     # bound exactly 0 is ReLU's, as in (lower, upper) form.
@@ -409,9 +406,7 @@ class BoundState:
             if intermediate != "ibp":
                 raise ValueError("ibp_spec_only needs intermediate='ibp'")
             self._kept = ibp_pass(graph, x_lower, x_upper, self._ibp_spec_reads(spec))
-            self.boxes = [None] * len(graph.nodes)
-            for i, cw in self._kept.items():
-                self.boxes[i] = _lower_upper(cw) if i == graph.output else None
+            self.boxes = [None] * len(graph.nodes)  # (lower, upper) boxes made on demand, see ``output``
             return
         self._kept = {}
         self.boxes: list[Box] = [(x_lower, x_upper)]
@@ -475,9 +470,10 @@ class BoundState:
     @property
     def output(self) -> Box:
         out = self.graph.output
-        if self.boxes[out] is None:  # an IBP-spec-only pass stopped before the final Linear layer
+        if self.boxes[out] is None:  # an IBP-spec-only state: its pass kept the output or stopped just before
             node = self.graph.nodes[out]
-            self.boxes[out] = _lower_upper(ibp_node(node, [self._kept[i] for i in node.inputs]))
+            kept = self._kept.get(out) or ibp_node(node, [self._kept[i] for i in node.inputs])
+            self.boxes[out] = _lower_upper(kept)
         return self.boxes[out]
 
     def ibp_spec(self, C: Tensor | None) -> Box:
@@ -485,17 +481,18 @@ class BoundState:
         if C is None:
             return self.output
         node = self.graph.nodes[self.graph.output]
-        if node.kind == LINEAR and self._centre_width(node.inputs[0])[0].dim() == 2:
-            # The layer's centre image, then C; the width through |C W| per example. Element-wise products
-            # summed over the last dimension: batches of tiny matrix products cost more on a CPU.
-            m = node.module
+        if node.kind == LINEAR:
             centre, width = self._centre_width(node.inputs[0])
-            centre = (C * F.linear(centre, m.weight, m.bias).unsqueeze(1)).sum(-1)
-            radius = ((C @ m.weight).abs_() * width.unsqueeze(1)).sum(-1).mul_(0.5)
-        else:
-            centre, width = self._centre_width(self.graph.output)
-            centre = (C * centre.unsqueeze(1)).sum(-1)
-            radius = (C.abs() * width.unsqueeze(1)).sum(-1).mul_(0.5)
+            if centre.dim() == 2:
+                # The layer's centre image, then C; the width through |C W| per example. Element-wise products
+                # summed over the last dimension: batches of tiny matrix products cost more on a CPU.
+                m = node.module
+                centre = (C * F.linear(centre, m.weight, m.bias).unsqueeze(1)).sum(-1)
+                radius = ((C @ m.weight).abs_() * width.unsqueeze(1)).sum(-1).mul_(0.5)
+                return centre - radius, centre + radius
+        centre, width = self._centre_width(self.graph.output)
+        centre = (C * centre.unsqueeze(1)).sum(-1)
+        radius = (C.abs() * width.unsqueeze(1)).sum(-1).mul_(0.5)
         return centre - radius, centre + radius
 
     def _centre_width(self, idx: int) -> CentreWidth:

@@ -25,8 +25,6 @@ EXAMPLES = """examples:
   robustkd list protocols; robustkd list attacks
 """
 
-# older spellings that differ by more than dashes for underscores
-
 
 def build(prog: str) -> Any:
     parser = command_parser(
