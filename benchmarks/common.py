@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robustkd.models import create_model
+from robustkd.runtime import teacher_channels_last
 
 FASHION_MNIST = (1, 28, 28)
 INPUT = FASHION_MNIST  # the input shape (C, H, W) of every benchmark's models; `--dataset-shape` sets it
@@ -134,9 +135,18 @@ def make_model(arch: str, seed: int = 0) -> nn.Module:
 
 
 def frozen(model: nn.Module) -> nn.Module:
-    """A teacher as the engine holds it: eval mode, no parameter gradients."""
+    """A teacher as a hand-written loop holds it: eval mode, no parameter gradients."""
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def engine_teacher(model: nn.Module) -> nn.Module:
+    """A teacher as the training engine holds it on ``DEVICE``: frozen, in the layout ``teacher_channels_last:
+    auto`` picks (channels-last convolution weights on a CPU)."""
+    frozen(model)
+    if teacher_channels_last(model, DEVICE):
+        model.to(memory_format=torch.channels_last)
     return model
 
 

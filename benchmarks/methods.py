@@ -13,8 +13,8 @@ sum. The ratio says how much a step costs beyond the passes it runs (Python disp
 element-wise steps, loss arithmetic); whether those passes are all needed is the question of
 ``benchmarks/reference.py``, which times each method against a hand-written loop.
 
-Units (student S = dm_small, teacher T = dm_medium, frozen), each a composite measured whole, the backward
-parts found by subtraction so that the composites add up exactly:
+Units (student S = dm_small, teacher T = dm_medium, frozen and in the layout the engine gives it), each a
+composite measured whole, the backward parts found by subtraction so that the composites add up exactly:
 
 - ``student_fwd``: S(x), train mode, graph through the parameters;
 - ``student_bwd``: CE(S(x), y).backward() minus the forward;
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from benchmarks.common import (
     arch,
     calibrate,
-    frozen,
+    engine_teacher,
     load_images,
     make_model,
     median,
@@ -254,7 +254,7 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None) -> di
     batch = 16 if quick else 128
     x, y, source = load_images(batch, seed=0)
     student = make_model(arch("student", STUDENT), seed=1).train()
-    teacher = frozen(make_model(arch("teacher", TEACHER), seed=2))
+    teacher = engine_teacher(make_model(arch("teacher", TEACHER), seed=2))
     data = Batch(x, y)
     methods: dict[str, Method] = {}
     for name in METHODS.names():

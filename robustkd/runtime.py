@@ -7,6 +7,8 @@ nothing of robustkd but its errors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import random
 import sys
 from typing import Any
@@ -53,6 +55,78 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+# glibc's mallopt parameters (malloc.h) and the values set: heap chunks up to 1 GiB, and up to 2 GiB of free
+# memory at the top of the heap kept rather than handed back. 32 MiB is the largest mmap threshold that every
+# 64-bit glibc accepts, tried when 1 GiB is refused.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_TRIM, KEEP_MMAP, KEEP_MMAP_FALLBACK = 2**31 - 1, 2**30, 2**25
+KEEP_FREED_ENV = "ROBUSTKD_KEEP_FREED_MEMORY"
+# Settings that mean the process's allocator is already someone's choice: left alone.
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+_KEPT: list[bool] = []  # set once per process
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in this process instead of handing it back to the kernel (glibc only; once).
+
+    A training step frees and reallocates the same large activations at every step. With glibc's defaults
+    each of them is unmapped or trimmed when freed and comes back as fresh pages, faulted in one by one: 25-30 %
+    of a CPU AdvFunMatch step went to that system time (docs/PERFORMANCE.md). Raising glibc's mmap and trim
+    thresholds (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do at start-up) keeps those
+    pages mapped: the process's resident memory then stays near its peak. Process-wide, so it is skipped
+    where the allocator is already chosen (those variables, ``GLIBC_TUNABLES``, ``LD_PRELOAD``), off with
+    ``ROBUSTKD_KEEP_FREED_MEMORY=0``, and a no-op without glibc. Returns whether the thresholds are set.
+    """
+    if not _KEPT:
+        _KEPT.append(_set_thresholds())
+    return _KEPT[0]
+
+
+def _set_thresholds() -> bool:
+    if os.environ.get(KEEP_FREED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(os.environ.get(name) for name in ALLOCATOR_ENV):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    if not libc.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP) and not libc.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_FALLBACK):
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM))
+
+
+def _glibc() -> Any:
+    """The C library when it is glibc (it has ``gnu_get_libc_version`` and ``mallopt``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def teacher_channels_last(model: nn.Module, device: torch.device, setting: str = "auto", cuda: bool = False) -> bool:
+    """Whether a frozen teacher should hold its convolution weights channels-last on ``device``.
+
+    ``auto``: on a CPU, any network with 2-D convolutions. oneDNN then runs every convolution on
+    channels-last maps instead of reordering the activations into its blocked layout and back at each call;
+    the teacher's forward and input gradient cost 0.70-0.94 of the contiguous ones for the registered
+    convolutional networks, except DM-small (1.01-1.17), which is never the larger network of a pair
+    (docs/PERFORMANCE.md). On CUDA ``auto`` follows ``cuda`` (the run's ``channels_last`` switch).
+    The layout changes which kernels run, so the outputs may differ in their last bits, never more.
+    """
+    if setting != "auto":
+        return setting == "always"
+    if device.type == "cuda":
+        return cuda
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _isatty(stream: Any) -> bool:

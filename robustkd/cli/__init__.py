@@ -29,6 +29,7 @@ from robustkd.cli.table import COMMANDS, Command
 from robustkd.cli.terminal import plain_unless_interactive
 from robustkd.cli.train import _train_parser
 from robustkd.errors import RobustKDError
+from robustkd.runtime import keep_freed_memory
 
 __all__ = ["COMMANDS", "Command", "_parse", "_train_parser", "main"]
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"robustkd: {COMMANDS.unknown_message(name)}", file=sys.stderr)
         return 2
     command = COMMANDS.get(name)
+    keep_freed_memory()  # this process is robustkd's own: its tensors' pages stay mapped between steps
     try:
         ns = parse(command.build(f"robustkd {name}"), rest, command.renamed)
         with plain_unless_interactive():

@@ -47,7 +47,15 @@ from robustkd.io import atomic_write_json, atomic_write_text, preflight_write, r
 from robustkd.methods import Batch, Method, Output, StepInfo, build_method
 from robustkd.models import WrappedModel, create_model, wrap
 from robustkd.models.wrap import check_model, is_module_marker, module_marker
-from robustkd.runtime import derive_seed, freeze, interactive, resolve_device, seed_everything
+from robustkd.runtime import (
+    derive_seed,
+    freeze,
+    interactive,
+    keep_freed_memory,
+    resolve_device,
+    seed_everything,
+    teacher_channels_last,
+)
 
 
 class TrainingError(RobustKDError):
@@ -215,6 +223,7 @@ def train(
     run_dir = Path(cfg.out_dir) / cfg.name
     with distributed(resolve_device(cfg.device)) as dist, ExitStack() as stack:
         batch_size = dist.rank_batch(cfg.data.batch_size)  # one the ranks cannot share is refused before any work
+        keep_freed_memory()  # every step reallocates the same activations: no page faults for them
         if dist.is_main:
             _warn_threat_mismatch(cfg, method)
         stack.enter_context(fast_path(cfg.fast_path))  # the graph-captured training attack on CUDA, or not
@@ -470,16 +479,19 @@ def _load_teacher(
             warnings.warn(f"method {cfg.method.name!r} uses no teacher; --teacher is ignored", stacklevel=4)
         return None
     if module is not None:
-        return freeze(_user_model(module, info, "teacher", dist.device))
-    shape: dict[str, Any] = {}
-    if cfg.teacher_arch:  # a bare .pt state dict: the data says what the architecture is built for
-        shape = {
-            "num_classes": info.num_classes,
-            "in_channels": info.input_shape[0],
-            "input_size": info.input_shape[-1],
-        }
-    teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=dist.device, **shape))
-    _check_teacher(teacher, info)
+        teacher = freeze(_user_model(module, info, "teacher", dist.device))
+    else:
+        shape: dict[str, Any] = {}
+        if cfg.teacher_arch:  # a bare .pt state dict: the data says what the architecture is built for
+            shape = {
+                "num_classes": info.num_classes,
+                "in_channels": info.input_shape[0],
+                "input_size": info.input_shape[-1],
+            }
+        teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=dist.device, **shape))
+        _check_teacher(teacher, info)
+    if teacher_channels_last(teacher, dist.device, cfg.teacher_channels_last, cfg.channels_last):
+        teacher.to(memory_format=torch.channels_last)
     return teacher
 
 
