@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import allocator, attacks, bounds, cifar, common, depthwise, methods, reference, teacher_cache
+from benchmarks import allocator, attacks, bounds, cifar, common, depthwise, layout, methods, reference, teacher_cache
 from robustkd.errors import RobustKDError
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "depthwise": depthwise.run,
     "cifar": cifar.run,
     "teacher_cache": teacher_cache.run,
+    "layout": layout.run,
     "allocator": allocator.run,
 }
 

@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.teacher_cache [--quick] [--n N] [--repeats R] [--threads T]`` prints JSON.
 
-Three ways to train one epoch of each method (student dm_small, teacher dm_medium, frozen; batch 128, SGD):
+Three ways to train one epoch of each method (student dm_small, teacher dm_medium, frozen; batch 128, SGD). The
+two engine sides get the teacher as the engine holds it (``engine_teacher``: channels-last on a CPU), the
+hand-written loop gets it frozen and contiguous:
 
 - ``cached``: robustkd's training loop (``engine.loop._train_epoch``) with ``teacher_cache: always``: the
   teacher's logits (KDIGA: and its input gradients) were computed once, in the first epoch;
@@ -29,6 +31,7 @@ epoch must agree to float tolerance (``max_weight_diff_epoch1``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks import common
-from benchmarks.common import frozen, load_images, make_model, median, round_ratios, setting
+from benchmarks.common import engine_teacher, frozen, load_images, make_model, median, round_ratios, setting
 from benchmarks.reference import handwritten_ard_loss, handwritten_rslad_loss
 from robustkd.config import from_dict, validate
 from robustkd.data import DatasetInfo, Split
@@ -180,13 +183,14 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None, n: in
     full = Split(x.mul(255).round().to(torch.uint8), y)
     few = min(n, ATTACK_N)
     teacher = frozen(make_model(TEACHER, seed=0))
+    ours_teacher = engine_teacher(copy.deepcopy(teacher))  # the engine's sides get the teacher as it holds it
     epochs: dict[str, Callable[[], None]] = {}
     checks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
             split = Split(full.images[:few], full.labels[:few]) if method in ATTACK_METHODS else full
-            cached = _engine_epoch(method, "always", split, teacher, Path(tmp) / method / "cached")
-            uncached = _engine_epoch(method, "never", split, teacher, Path(tmp) / method / "uncached")
+            cached = _engine_epoch(method, "always", split, ours_teacher, Path(tmp) / method / "cached")
+            uncached = _engine_epoch(method, "never", split, ours_teacher, Path(tmp) / method / "uncached")
             epochs |= {f"{method}/cached": cached, f"{method}/uncached": uncached}
             epochs[f"{method}/hand"] = _hand_epoch(method, split, teacher)
         for fn in epochs.values():  # the first epoch, untimed: builds the caches, warms everything
