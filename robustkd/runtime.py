@@ -72,12 +72,13 @@ def keep_freed_memory() -> bool:
     """Keep freed memory in this process instead of handing it back to the kernel (glibc only; once).
 
     A training step frees and reallocates the same large activations at every step. With glibc's defaults
-    each of them is unmapped or trimmed when freed and comes back as fresh pages, faulted in one by one: 25-30 %
-    of a CPU AdvFunMatch step went to that system time (docs/PERFORMANCE.md). Raising glibc's mmap and trim
-    thresholds (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do at start-up) keeps those
-    pages mapped: the process's resident memory then stays near its peak. Process-wide, so it is skipped
-    where the allocator is already chosen (those variables, ``GLIBC_TUNABLES``, ``LD_PRELOAD``), off with
-    ``ROBUSTKD_KEEP_FREED_MEMORY=0``, and a no-op without glibc. Returns whether the thresholds are set.
+    each of them is unmapped or trimmed when freed and comes back as fresh pages, faulted in one by one: keeping
+    them saved a fifth to a quarter of a CPU AdvFunMatch step (docs/PERFORMANCE.md, "Whole processes").
+    Raising glibc's mmap and trim thresholds (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do
+    at start-up) keeps those pages mapped: the process's resident memory then stays near its peak.
+    Process-wide, so it is skipped where the allocator is already chosen (those variables,
+    ``GLIBC_TUNABLES``, ``LD_PRELOAD``), off with ``ROBUSTKD_KEEP_FREED_MEMORY=0``, and a no-op without
+    glibc. Returns whether the thresholds are set.
     """
     if not _KEPT:
         _KEPT.append(_set_thresholds())
