@@ -157,7 +157,7 @@ class TrainConfig:
     augmentation changes the teacher's input."""
     teacher_channels_last: str = "auto"
     """auto | always | never: hold the frozen teacher's convolution weights channels-last; auto: on a CPU for a
-    teacher with convolutions (its passes cost 0.75-0.95 of the contiguous ones), on CUDA as channels_last."""
+    teacher with convolutions (its passes cost 0.70-0.95 of the contiguous ones), on CUDA as channels_last."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

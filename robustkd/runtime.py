@@ -118,8 +118,8 @@ def teacher_channels_last(model: nn.Module, device: torch.device, setting: str =
 
     ``auto``: on a CPU, any network with 2-D convolutions. oneDNN then runs every convolution on
     channels-last maps instead of reordering the activations into its blocked layout and back at each call;
-    the teacher's forward and input gradient cost 0.75-0.95 of the contiguous ones for the registered
-    convolutional networks, except DM-small (1.13-1.17), which is never the larger network of a pair
+    the teacher's forward and input gradient cost 0.70-0.95 of the contiguous ones for the registered
+    convolutional networks, except DM-small (1.13-1.21), which is never the larger network of a pair
     (``python -m benchmarks.run --only layout``, docs/PERFORMANCE.md). On CUDA ``auto`` follows ``cuda``, the
     run's ``channels_last`` switch. The layout changes which kernels run, hence the rounding: outputs agree to
     float rounding, and an input gradient can differ more only where a pre-activation lies within rounding of

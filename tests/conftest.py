@@ -14,6 +14,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def toy(monkeypatch):
+    """Every dataset name loads test_engine's learnable 1x16x16 toy data."""
+    from test_engine import _toy_dataset
+
+    import robustkd.data
+
+    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory):
+    """A dm_small teacher trained one epoch on the toy data, once per test module: its best checkpoint."""
+    from test_engine import train_toy_teacher
+
+    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
+
+
 @pytest.fixture(scope="module")
 def pair():
     """A small MLP teacher and a noisy copy as student (mostly agreeing, so searches have work to do); 60 points,

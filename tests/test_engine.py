@@ -32,13 +32,6 @@ def _toy_dataset(n_train=240, n_test=60, seed=0) -> Dataset:
     return Dataset(info, split(n_train), split(n_test), "synthetic")
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    import robustkd.data
-
-    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
-
-
 def train_toy_teacher(out_dir) -> str:
     """A dm_small teacher trained one epoch on the toy data (for module-scoped fixtures): its best checkpoint."""
     with pytest.MonkeyPatch.context() as mp:

@@ -7,23 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_engine import _cfg, _toy_dataset, train_toy_teacher
+from test_engine import _cfg
 
-import robustkd
 import robustkd.engine.loop as loop
 from robustkd.config import validate
 from robustkd.engine.distributed import Dist
 from robustkd.methods import build_method
-
-
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
-
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _run(tmp_path, **over) -> loop._Run:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import INFO, ForwardCounter, tiny_pair
-from test_engine import _cfg, _toy_dataset, train_toy_teacher
+from test_engine import _cfg
 
 import robustkd
 import robustkd.engine.loop as loop
@@ -89,11 +89,6 @@ def test_the_key_sees_a_changed_teacher_or_split() -> None:
 # --- through the engine
 
 
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
-
-
 def _distill(tmp_path, teacher, name, mode, **over):
     method = {"name": name, "args": FAST.get(name, {})}
     return robustkd.train(_cfg(tmp_path / mode, teacher=teacher, method=method, teacher_cache=mode, **over))
@@ -145,8 +140,3 @@ def test_always_is_refused_for_a_method_without_clean_teacher_outputs(tmp_path, 
 def test_an_unknown_setting_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^teacher_cache: must be one of auto, always, never, got 'on'"):
         validate(_cfg(tmp_path, teacher_cache="on"))
-
-
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())

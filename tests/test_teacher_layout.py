@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import _cfg, _toy_dataset, train_toy_teacher
+from test_engine import _cfg
 from torch import nn
 
 import robustkd
-import robustkd.data
 import robustkd.engine.loop as loop
 from robustkd.certify import interval_bounds
 from robustkd.config import validate
@@ -76,16 +75,6 @@ def test_an_unknown_layout_setting_is_refused(tmp_path) -> None:
 
 
 # --- through the engine
-
-
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setattr(robustkd.data, "load_dataset", lambda name, root=None, **kw: _toy_dataset())
-
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    return train_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _distill(tmp_path, teacher: str, setting: str, monkeypatch, method: str = "kd") -> tuple[nn.Module, nn.Module]:
