@@ -101,3 +101,15 @@ def test_the_engine_holds_the_teacher_channels_last_on_a_cpu_and_trains_the_same
     # Two epochs of eight steps: the two layouts' last-bit differences stay far below the tolerance.
     for a, b in zip(students["auto"].parameters(), students["never"].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_teacher_module_the_caller_passes_keeps_its_layout(tmp_path, toy, monkeypatch) -> None:
+    torch.manual_seed(0)
+    module = create_model("dm_small", num_classes=4, in_channels=1, input_size=16)
+    used = []
+    real = loop._channels_last
+    monkeypatch.setattr(loop, "_channels_last", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    loop.train(_cfg(tmp_path, epochs=1, method={"name": "kd"}), teacher=module)
+    conv2 = [m for m in used[0].modules() if isinstance(m, nn.Conv2d)][1]
+    assert conv2.weight.is_contiguous(memory_format=CL) and not conv2.weight.is_contiguous()  # the run's copy
+    assert all(p.is_contiguous() for p in module.parameters())  # the caller's module: untouched

@@ -491,8 +491,19 @@ def _load_teacher(
         teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=dist.device, **shape))
         _check_teacher(teacher, info)
     if teacher_channels_last(teacher, dist.device, cfg.teacher_channels_last, cfg.channels_last):
-        teacher.to(memory_format=torch.channels_last)
+        teacher = _channels_last(teacher, owned_by_caller=module is not None)
     return teacher
+
+
+def _channels_last(teacher: nn.Module, owned_by_caller: bool) -> nn.Module:
+    """The teacher with channels-last convolution weights; a copy when the caller owns the module (a module that
+    cannot be copied keeps its layout), so that their module's tensors keep theirs."""
+    if owned_by_caller:
+        try:
+            teacher = copy.deepcopy(teacher)
+        except (TypeError, RuntimeError, AttributeError):
+            return teacher
+    return teacher.to(memory_format=torch.channels_last)
 
 
 def _check_teacher(teacher: nn.Module, info: DatasetInfo) -> None:
