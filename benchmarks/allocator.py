@@ -34,6 +34,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import median, ms, round_ratios, setting
 from benchmarks.reference import STUDENT, TEACHER
+from robustkd.runtime import ALLOCATOR_ENV, KEEP_FREED_ENV
 
 METHODS = ("advfunmatch", "ard", "rslad")
 SIDES = ("ours", "ours_default_allocator", "handwritten")
@@ -75,8 +76,8 @@ def _child(side: str, method_name: str, threads: int, quick: bool) -> None:
 
 
 def _spawn(side: str, method: str, threads: int, quick: bool) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    env["ROBUSTKD_KEEP_FREED_MEMORY"] = "1" if side == "ours" else "0"
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}  # glibc's defaults, unless ours
+    env[KEEP_FREED_ENV] = "1" if side == "ours" else "0"
     command = [sys.executable, "-m", "benchmarks.allocator", "--child", side, method, str(threads)]
     proc = subprocess.Popen(
         command + (["--quick"] if quick else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robustkd.models import create_model
-from robustkd.runtime import teacher_channels_last
+from robustkd.runtime import teacher_layout
 
 FASHION_MNIST = (1, 28, 28)
 INPUT = FASHION_MNIST  # the input shape (C, H, W) of every benchmark's models; `--dataset-shape` sets it
@@ -144,10 +144,7 @@ def frozen(model: nn.Module) -> nn.Module:
 def engine_teacher(model: nn.Module) -> nn.Module:
     """A teacher as the training engine holds it on ``DEVICE``: frozen, in the layout ``teacher_channels_last:
     auto`` picks (channels-last convolution weights on a CPU)."""
-    frozen(model)
-    if teacher_channels_last(model, DEVICE):
-        model.to(memory_format=torch.channels_last)
-    return model
+    return teacher_layout(frozen(model), DEVICE)
 
 
 def median(values: list[float]) -> float:

@@ -162,8 +162,7 @@ class TrainConfig:
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SELECT = ("auto", "clean", "robust", "certified", "last")
-TEACHER_CACHE = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
-TEACHER_LAYOUT = TEACHER_CACHE
+AUTO_ALWAYS_NEVER = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 
 # Bounds for numbers that are valid Python but absurd for a run. The optimiser turns lr, weight_decay and
 # the values derived from them (lr / Adam's bias correction, lr * weight_decay) into float32 scalars on the
@@ -205,16 +204,9 @@ def _check_run(cfg: TrainConfig) -> None:
     _need(1 <= cfg.log_every <= MAX_COUNT, "log_every", f"must be in [1, {MAX_COUNT}], got {cfg.log_every}")
     _need(cfg.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     _need(cfg.fast_path in ("auto", "off"), "fast_path", f"must be 'auto' or 'off', got {cfg.fast_path!r}")
-    _need(
-        cfg.teacher_channels_last in TEACHER_LAYOUT,
-        "teacher_channels_last",
-        f"must be one of {', '.join(TEACHER_LAYOUT)}, got {cfg.teacher_channels_last!r}",
-    )
-    _need(
-        cfg.teacher_cache in TEACHER_CACHE,
-        "teacher_cache",
-        f"must be one of {', '.join(TEACHER_CACHE)}, got {cfg.teacher_cache!r}",
-    )
+    for fld in ("teacher_channels_last", "teacher_cache"):
+        value = getattr(cfg, fld)
+        _need(value in AUTO_ALWAYS_NEVER, fld, f"must be one of {', '.join(AUTO_ALWAYS_NEVER)}, got {value!r}")
 
 
 def _check_data(d: DataConfig) -> None:

@@ -7,6 +7,7 @@ nothing of robustkd but its errors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import os
 import random
@@ -131,6 +132,22 @@ def teacher_channels_last(model: nn.Module, device: torch.device, setting: str =
     if device.type == "cuda":
         return cuda
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def teacher_layout(
+    model: nn.Module, device: torch.device, setting: str = "auto", cuda: bool = False, *, caller_owns: bool = False
+) -> nn.Module:
+    """The frozen teacher in the layout :func:`teacher_channels_last` picks. ``caller_owns``: the module is the
+    caller's, so a copy is converted and theirs keeps its tensors' layout (a module that cannot be copied is
+    used as it is)."""
+    if not teacher_channels_last(model, device, setting, cuda):
+        return model
+    if caller_owns:
+        try:
+            model = copy.deepcopy(model)
+        except (TypeError, RuntimeError, AttributeError):
+            return model
+    return model.to(memory_format=torch.channels_last)
 
 
 def _isatty(stream: Any) -> bool:

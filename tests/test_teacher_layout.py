@@ -107,8 +107,8 @@ def test_a_teacher_module_the_caller_passes_keeps_its_layout(tmp_path, toy, monk
     torch.manual_seed(0)
     module = create_model("dm_small", num_classes=4, in_channels=1, input_size=16)
     used = []
-    real = loop._channels_last
-    monkeypatch.setattr(loop, "_channels_last", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    real = loop.teacher_layout
+    monkeypatch.setattr(loop, "teacher_layout", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     loop.train(_cfg(tmp_path, epochs=1, method={"name": "kd"}), teacher=module)
     conv2 = [m for m in used[0].modules() if isinstance(m, nn.Conv2d)][1]
     assert conv2.weight.is_contiguous(memory_format=CL) and not conv2.weight.is_contiguous()  # the run's copy

@@ -54,7 +54,7 @@ from robustkd.runtime import (
     keep_freed_memory,
     resolve_device,
     seed_everything,
-    teacher_channels_last,
+    teacher_layout,
 )
 
 
@@ -490,20 +490,8 @@ def _load_teacher(
             }
         teacher = freeze(load_model(cfg.teacher, arch=cfg.teacher_arch, device=dist.device, **shape))
         _check_teacher(teacher, info)
-    if teacher_channels_last(teacher, dist.device, cfg.teacher_channels_last, cfg.channels_last):
-        teacher = _channels_last(teacher, owned_by_caller=module is not None)
-    return teacher
-
-
-def _channels_last(teacher: nn.Module, owned_by_caller: bool) -> nn.Module:
-    """The teacher with channels-last convolution weights; a copy when the caller owns the module (a module that
-    cannot be copied keeps its layout), so that their module's tensors keep theirs."""
-    if owned_by_caller:
-        try:
-            teacher = copy.deepcopy(teacher)
-        except (TypeError, RuntimeError, AttributeError):
-            return teacher
-    return teacher.to(memory_format=torch.channels_last)
+    owned = module is not None
+    return teacher_layout(teacher, dist.device, cfg.teacher_channels_last, cfg.channels_last, caller_owns=owned)
 
 
 def _check_teacher(teacher: nn.Module, info: DatasetInfo) -> None:
